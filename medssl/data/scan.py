@@ -1,0 +1,364 @@
+"""Scanning a folder of clinical images into a MONAI-style datalist.
+
+``scan_folder(root)`` walks ``root``, recognises every image it can use and reports every file
+it cannot, with the reason. One unreadable file never stops a scan. The result is::
+
+    {"training": [{"image": "rel/path.nii.gz" | ["slice1.dcm", ...], "modality": "CT",
+                   "patient": "3f2a...", "spatial_dims": 3, "shape": [...], "spacing": [...]}],
+     "skipped":  [{"path": "rel/bad.dcm", "reason": "truncated: ..."}]}
+
+DICOM is found by content (the "DICM" preamble), whatever the file is called; files named
+``.dcm``/``.ima`` or with no extension are also tried without a preamble. Patient names and IDs
+only ever leave this module as salted hashes (:mod:`medssl.data.privacy`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .dicom import DicomFile, UnreadableFile, group_series, looks_like_dicom, read_dicom_header
+from .privacy import patient_hash
+
+__all__ = ["ScanResult", "scan_folder", "write_datalist", "VOLUME_SUFFIXES", "PHOTO_SUFFIXES"]
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_COMPANION_SUFFIXES = (".raw", ".zraw", ".img.gz")  # data halves of .mhd / .nhdr headers
+_MAYBE_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")
+_FUNDUS_WORDS = {"fundus", "retina", "retinal", "chasedb1", "drive", "aptos", "eyepacs", "messidor", "idrid"}
+_XRAY_WORDS = {"xray", "cxr", "radiograph", "radiographs", "chest", "cr", "dx", "nih", "chexpert", "mimic"}
+_CT_WORDS = {"ct", "cta", "hu"}
+_MASK_WORDS = {"label", "labels", "seg", "segmentation", "mask", "masks", "annotation", "1stho", "2ndho", "gt", "manual"}
+_MR_WORDS = {"mr", "mri", "t1", "t2", "flair", "t1w", "t2w", "dwi", "brain"}
+
+
+@dataclass
+class ScanResult:
+    """Entries found and files skipped, with paths absolute until written."""
+
+    entries: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A plain-text table: entries per modality and dimensionality, skipped files per reason."""
+        lines = [f"{'modality':<10}{'2D':>6}{'3D':>6}", "-" * 22]
+        counts = Counter((e["modality"], e["spatial_dims"]) for e in self.entries)
+        for mod in sorted({m for m, _ in counts}):
+            lines.append(f"{mod:<10}{counts[(mod, 2)]:>6}{counts[(mod, 3)]:>6}")
+        lines.append(f"{'total':<10}{sum(c for (_, d), c in counts.items() if d == 2):>6}"
+                     f"{sum(c for (_, d), c in counts.items() if d == 3):>6}")
+        warned = [e for e in self.entries if e.get("warnings")]
+        if warned:
+            lines.append(f"\n{len(warned)} entr{'y' if len(warned) == 1 else 'ies'} kept with warnings:")
+            lines += [f"  {_show(e['image'])}: {'; '.join(e['warnings'])}" for e in warned[:20]]
+        if self.skipped:
+            lines.append(f"\n{len(self.skipped)} file(s) skipped:")
+            reasons = Counter(_reason_kind(s["reason"]) for s in self.skipped)
+            for kind, n in reasons.most_common():
+                example = next(s for s in self.skipped if _reason_kind(s["reason"]) == kind)
+                lines.append(f"  {n:>5} x {kind}  (e.g. {example['path']}: {example['reason']})")
+        return "\n".join(lines)
+
+
+def _show(image) -> str:
+    return f"{image[0]} (+{len(image) - 1} slices)" if isinstance(image, list) else str(image)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split("(")[0].strip()
+
+
+def _suffix(path: str) -> str:
+    name = path.lower()
+    for suf in VOLUME_SUFFIXES + PHOTO_SUFFIXES + _COMPANION_SUFFIXES + (".npz", ".json", ".csv"):
+        if name.endswith(suf):
+            return suf
+    return os.path.splitext(name)[1]
+
+
+def _words(path: str) -> set[str]:
+    return set(re.split(r"[^a-z0-9]+", path.lower()))
+
+
+def _guess_modality(path: str, rgb: bool, dims: int, air_fraction: float) -> str:
+    words = _words(path)
+    if dims == 2:
+        if words & _FUNDUS_WORDS:
+            return "FUNDUS"
+        if words & _XRAY_WORDS or not rgb:
+            return "XR"
+        return "OT"
+    if words & _CT_WORDS or air_fraction > 0.02:  # many voxels near -1000 HU: air in a CT
+        return "CT"
+    return "MR"  # a volume without air at -1000 is most likely MR (or PET, which scales the same way)
+
+
+def _mask_reason(arr: np.ndarray, path: str) -> str | None:
+    """Segmentations and annotations stored beside images are not images to pretrain on."""
+    sample = arr[tuple(slice(None, None, max(1, s // 64)) for s in arr.shape)]
+    values = np.unique(sample)
+    integer = bool(np.all(np.mod(values, 1) == 0))
+    if len(values) <= 2 or (integer and len(values) <= 32 and _stem_words(path) & _MASK_WORDS):
+        return f"looks like a label mask ({len(values)} distinct values: {values[:6].tolist()}), not an image"
+    return None
+
+
+def _stem_words(path: str) -> set[str]:
+    return _words(os.path.basename(path))
+
+
+def _patient_key(path: str, root: str) -> str:
+    """Non-DICOM files carry no patient: use the first folder below the root, else the file stem."""
+    rel = os.path.relpath(path, root)
+    parts = Path(rel).parts
+    return parts[0] if len(parts) > 1 else re.sub(r"(\.nii)?\.[^.]+$", "", parts[0])
+
+
+def _load_volume(path: str) -> tuple[np.ndarray, list[int], list[float], int]:
+    """Array (x, y, z[, t]), size, spacing and channel count. nibabel reads NIfTI (it accepts the
+    non-orthonormal affines that ITK refuses); SimpleITK reads NRRD / MHA / MHD."""
+    if path.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            img = nib.load(path)
+            arr = np.asanyarray(img.dataobj)
+        except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors ...
+            raise UnreadableFile(f"cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+        zooms = [float(z) for z in img.header.get_zooms()]
+        return arr, list(arr.shape), zooms[: arr.ndim], 1
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(path)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UnreadableFile(f"cannot read volume ({first[-1] if first else exc})") from None
+    channels = img.GetNumberOfComponentsPerPixel()
+    arr = sitk.GetArrayViewFromImage(img)  # (z, y, x[, c]): reverse the spatial axes to (x, y, z)
+    arr = np.moveaxis(arr, -1, 0) if channels > 1 else arr
+    arr = arr.transpose(tuple(range(arr.ndim - 1, -1, -1)))
+    arr = arr[..., 0] if channels > 1 else arr
+    return arr, list(img.GetSize()), [float(s) for s in img.GetSpacing()], channels
+
+
+def _read_volume(path: str, root: str, salt: str | None, modality: str | None) -> dict:
+    if os.path.getsize(path) == 0:
+        raise UnreadableFile("empty file (0 bytes)")
+    arr, size, spacing, channels = _load_volume(path)
+    spacing = [round(s, 6) for s in spacing]
+    warnings = []
+    entry: dict = {}
+    if len(size) == 4 and size[3] == 1:  # a 4D header holding one 3D volume
+        arr, size, spacing = arr[..., 0], size[:3], spacing[:3]
+    if len(size) == 4:
+        warnings.append(f"4D volume with {size[3]} frames; frame 0 is used")
+        entry["frame"] = 0
+        size, spacing = size[:3], spacing[:3]
+        arr = arr[..., 0]
+    if len(size) not in (2, 3):
+        raise UnreadableFile(f"unsupported {len(size)}D image (shape {size})")
+    finite = np.isfinite(arr)
+    bad = int(arr.size - np.count_nonzero(finite))
+    if bad == arr.size:
+        raise UnreadableFile("no finite voxel (all NaN/Inf)")
+    if bad:
+        warnings.append(f"{bad} NaN/Inf voxel(s), replaced at load by the lowest finite value")
+    if bad:
+        arr = np.where(np.isfinite(arr), arr, 0)
+    mask = _mask_reason(arr, path)
+    if mask:
+        raise UnreadableFile(mask)
+    dims = 3 if len(size) == 3 and size[2] > 1 else 2
+    step = tuple(slice(None, None, 2) for _ in range(arr.ndim))
+    air = float(np.mean((arr[step] > -1100) & (arr[step] < -900)))
+    entry.update(
+        image=path,
+        modality=modality or _guess_modality(path, channels > 1, dims, air),
+        patient=patient_hash(_patient_key(path, root), salt),
+        spatial_dims=dims,
+        shape=size[:dims],
+        spacing=spacing[:dims],
+    )
+    if channels > 1:
+        entry["channels"] = channels
+    if warnings:
+        entry["warnings"] = warnings
+    return entry
+
+
+def _read_photo(path: str, root: str, salt: str | None, modality: str | None) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        raise UnreadableFile("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes everything: catches truncated files
+            mode, (width, height) = im.mode, im.size
+            rgb = mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr")
+            arr = np.asarray(im.convert("RGB") if rgb else im, dtype=np.int32)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableFile(f"cannot decode image ({exc})") from None
+    if rgb:  # a grey radiograph saved as RGB is still grey
+        rgb = bool(np.abs(arr[..., 0] - arr[..., 1]).max() > 2 or np.abs(arr[..., 1] - arr[..., 2]).max() > 2)
+    mask = _mask_reason(arr, path)
+    if mask:
+        raise UnreadableFile(mask)
+    entry = dict(
+        image=path,
+        modality=modality or _guess_modality(path, rgb, 2, 0.0),
+        patient=patient_hash(_patient_key(path, root), salt),
+        spatial_dims=2,
+        shape=[width, height],  # MONAI's PILReader gives (W, H)
+        spacing=[1.0, 1.0],
+    )
+    if rgb:
+        entry["channels"] = 3
+    return entry
+
+
+def _classify(path: str) -> str:
+    suf = _suffix(path)
+    if suf in VOLUME_SUFFIXES:
+        return "volume"
+    if suf in PHOTO_SUFFIXES:
+        return "photo"
+    if suf in _COMPANION_SUFFIXES:
+        return "companion"
+    if looks_like_dicom(path) or suf in _MAYBE_DICOM_SUFFIXES:
+        return "dicom"
+    return "unknown"
+
+
+def _examine(args) -> tuple[str, object]:
+    """Read one file's header. Returns ("entry", dict) | ("dicom", DicomFile) | ("skip", reason) | ("ignore", None)."""
+    path, root, salt, modality = args
+    kind = _classify(path)
+    try:
+        if kind == "volume":
+            return "entry", _read_volume(path, root, salt, modality)
+        if kind == "photo":
+            return "entry", _read_photo(path, root, salt, modality)
+        if kind == "dicom":
+            return "dicom", read_dicom_header(path, force=not looks_like_dicom(path))
+        if kind == "companion":
+            return "ignore", None
+        if _suffix(path) == ".npz":
+            return "skip", "MedMNIST-style .npz archive: pass the .npz itself to medssl (it is not scanned)"
+        return "skip", f"unrecognised format ({_suffix(path) or 'no extension'})"
+    except UnreadableFile as exc:
+        return "skip", str(exc)
+    except PermissionError:
+        return "skip", "permission denied"
+    except OSError as exc:
+        return "skip", f"unreadable ({exc.strerror or exc})"
+
+
+def _walk(root: str, exclude: set[str]) -> list[str]:
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if not name.startswith(".") and os.path.abspath(path) not in exclude:
+                paths.append(path)
+    return paths
+
+
+def scan_folder(
+    root: str | os.PathLike,
+    salt: str | None = None,
+    modality: str | None = None,
+    progress: bool = True,
+    workers: int = 4,
+    exclude: tuple[str, ...] = (),
+) -> ScanResult:
+    """Find every usable image under ``root``.
+
+    Args:
+        root: folder to scan (recursively; hidden files and folders are left out).
+        salt: salt for patient hashes (default: :func:`medssl.data.privacy.default_salt`).
+        modality: modality to give non-DICOM files (NIfTI, NRRD, PNG ...) instead of guessing it
+            from the path and intensities. DICOM files always keep their own Modality tag.
+        progress: show a progress bar.
+        workers: threads reading headers (I/O bound).
+        exclude: absolute paths to leave out (e.g. the datalist being written).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist. NotADirectoryError: it is a file.
+    """
+    from tqdm.auto import tqdm
+
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"scan: folder {root} does not exist")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"scan: {root} is a file; give the folder that contains it")
+    paths = _walk(root, {os.path.abspath(p) for p in exclude})
+    result = ScanResult()
+    dicoms: list[DicomFile] = []
+    jobs = [(p, root, salt, modality) for p in paths]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        outcomes = tqdm(pool.map(_examine, jobs), total=len(jobs), desc=f"scanning {root}", unit="file",
+                        disable=not progress)
+        for path, (kind, value) in zip(paths, outcomes):
+            if kind == "entry":
+                result.entries.append(value)
+            elif kind == "dicom":
+                dicoms.append(value)
+            elif kind == "skip":
+                result.skipped.append({"path": path, "reason": value})
+    series, skipped = group_series(dicoms)
+    result.skipped += [{"path": p, "reason": r} for p, r in skipped]
+    for s in series:
+        entry = dict(
+            image=s.files if s.spatial_dims == 3 and len(s.files) > 1 else s.files[0],
+            modality=s.modality,
+            patient=patient_hash(s.patient_id, salt),
+            spatial_dims=s.spatial_dims,
+            shape=s.shape,
+            spacing=[round(float(v), 6) for v in s.spacing],
+        )
+        if s.channels > 1:
+            entry["channels"] = s.channels
+        if s.photometric == "MONOCHROME1":
+            entry["photometric"] = "MONOCHROME1"  # inverted grey scale: the loader flips it
+        if s.warnings:
+            entry["warnings"] = s.warnings
+        result.entries.append(entry)
+    result.entries.sort(key=lambda e: _show(e["image"]))
+    return result
+
+
+def _relative(path: str, base: str) -> str:
+    return os.path.relpath(path, base)
+
+
+def write_datalist(result: ScanResult, out: str | os.PathLike) -> Path:
+    """Write ``result`` as JSON with paths relative to the datalist's folder (MONAI convention).
+
+    The file is written atomically (temporary file + rename), so an interrupted scan never
+    leaves a half-written datalist behind.
+    """
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = str(out.parent)
+    entries = []
+    for e in result.entries:
+        e = dict(e)
+        e["image"] = [_relative(p, base) for p in e["image"]] if isinstance(e["image"], list) else _relative(e["image"], base)
+        entries.append(e)
+    skipped = [{"path": _relative(s["path"], base), "reason": s["reason"]} for s in result.skipped]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"training": entries, "skipped": skipped}, indent=1))
+    os.replace(tmp, out)
+    return out
