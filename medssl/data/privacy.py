@@ -27,16 +27,18 @@ def default_salt() -> str:
     env = os.environ.get("MEDSSL_SALT")
     if env:
         return env
-    try:
-        return _SALT_FILE.read_text().strip()
-    except FileNotFoundError:
+    if not _SALT_FILE.exists():
         _SALT_FILE.parent.mkdir(parents=True, exist_ok=True)
-        salt = secrets.token_hex(16)
-        tmp = _SALT_FILE.with_suffix(".tmp")
-        tmp.write_text(salt)
+        tmp = _SALT_FILE.with_name(f"salt.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp.write_text(secrets.token_hex(16))
         os.chmod(tmp, 0o600)
-        os.replace(tmp, _SALT_FILE)  # atomic: two concurrent scans agree on one salt
-        return _SALT_FILE.read_text().strip()
+        try:
+            os.link(tmp, _SALT_FILE)  # atomic create-if-absent: concurrent first runs agree on one salt
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return _SALT_FILE.read_text().strip()
 
 
 def patient_hash(identifier: str, salt: str | None = None) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .dicom import DicomFile, UnreadableFile, group_series, looks_like_dicom, read_dicom_header
-from .privacy import patient_hash
+from .privacy import default_salt, patient_hash
 
 __all__ = ["ScanResult", "scan_folder", "write_datalist", "VOLUME_SUFFIXES", "PHOTO_SUFFIXES"]
 
@@ -33,6 +33,8 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _COMPANION_SUFFIXES = (".raw", ".zraw", ".img.gz")  # data halves of .mhd / .nhdr headers
 _MAYBE_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")
+# Documents that sit beside images (labels, notes, reports): counted, not reported as skipped.
+_DOCUMENT_SUFFIXES = (".csv", ".tsv", ".json", ".txt", ".md", ".yaml", ".yml", ".xml", ".html", ".pdf", ".log", ".py")
 _FUNDUS_WORDS = {"fundus", "retina", "retinal", "chasedb1", "drive", "aptos", "eyepacs", "messidor", "idrid"}
 _XRAY_WORDS = {"xray", "cxr", "radiograph", "radiographs", "chest", "cr", "dx", "nih", "chexpert", "mimic"}
 _CT_WORDS = {"ct", "cta", "hu"}
@@ -46,6 +48,7 @@ class ScanResult:
 
     entries: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    documents: int = 0  # text files (csv, json, txt ...) passed over
 
     def summary(self) -> str:
         """A plain-text table: entries per modality and dimensionality, skipped files per reason."""
@@ -59,6 +62,8 @@ class ScanResult:
         if warned:
             lines.append(f"\n{len(warned)} entr{'y' if len(warned) == 1 else 'ies'} kept with warnings:")
             lines += [f"  {_show(e['image'])}: {'; '.join(e['warnings'])}" for e in warned[:20]]
+        if self.documents:
+            lines.append(f"\n{self.documents} document file(s) (csv, json, txt ...) passed over")
         if self.skipped:
             lines.append(f"\n{len(self.skipped)} file(s) skipped:")
             reasons = Counter(_reason_kind(s["reason"]) for s in self.skipped)
@@ -115,11 +120,13 @@ def _stem_words(path: str) -> set[str]:
     return _words(os.path.basename(path))
 
 
-def _patient_key(path: str, root: str) -> str:
-    """Non-DICOM files carry no patient: use the first folder below the root, else the file stem."""
-    rel = os.path.relpath(path, root)
-    parts = Path(rel).parts
-    return parts[0] if len(parts) > 1 else re.sub(r"(\.nii)?\.[^.]+$", "", parts[0])
+def _patient_key(path: str, root: str, patient_from: str) -> str:
+    """Non-DICOM files carry no patient id: take the file name (without extension) or, with
+    ``patient_from="folder"``, the first folder below the scanned root (one folder per patient)."""
+    parts = Path(os.path.relpath(path, root)).parts
+    if patient_from == "folder" and len(parts) > 1:
+        return parts[0]
+    return re.sub(r"(\.nii)?\.[^.]+$", "", parts[-1])
 
 
 def _load_volume(path: str) -> tuple[np.ndarray, list[int], list[float], int]:
@@ -150,7 +157,7 @@ def _load_volume(path: str) -> tuple[np.ndarray, list[int], list[float], int]:
     return arr, list(img.GetSize()), [float(s) for s in img.GetSpacing()], channels
 
 
-def _read_volume(path: str, root: str, salt: str | None, modality: str | None) -> dict:
+def _read_volume(path: str, root: str, salt: str, modality: str | None, patient_from: str) -> dict:
     if os.path.getsize(path) == 0:
         raise UnreadableFile("empty file (0 bytes)")
     arr, size, spacing, channels = _load_volume(path)
@@ -183,7 +190,7 @@ def _read_volume(path: str, root: str, salt: str | None, modality: str | None) -
     entry.update(
         image=path,
         modality=modality or _guess_modality(path, channels > 1, dims, air),
-        patient=patient_hash(_patient_key(path, root), salt),
+        patient=patient_hash(_patient_key(path, root, patient_from), salt),
         spatial_dims=dims,
         shape=size[:dims],
         spacing=spacing[:dims],
@@ -195,7 +202,7 @@ def _read_volume(path: str, root: str, salt: str | None, modality: str | None) -
     return entry
 
 
-def _read_photo(path: str, root: str, salt: str | None, modality: str | None) -> dict:
+def _read_photo(path: str, root: str, salt: str, modality: str | None, patient_from: str) -> dict:
     from PIL import Image, UnidentifiedImageError
 
     if os.path.getsize(path) == 0:
@@ -216,7 +223,7 @@ def _read_photo(path: str, root: str, salt: str | None, modality: str | None) ->
     entry = dict(
         image=path,
         modality=modality or _guess_modality(path, rgb, 2, 0.0),
-        patient=patient_hash(_patient_key(path, root), salt),
+        patient=patient_hash(_patient_key(path, root, patient_from), salt),
         spatial_dims=2,
         shape=[width, height],  # MONAI's PILReader gives (W, H)
         spacing=[1.0, 1.0],
@@ -234,24 +241,26 @@ def _classify(path: str) -> str:
         return "photo"
     if suf in _COMPANION_SUFFIXES:
         return "companion"
+    if suf in _DOCUMENT_SUFFIXES:
+        return "document"
     if looks_like_dicom(path) or suf in _MAYBE_DICOM_SUFFIXES:
         return "dicom"
     return "unknown"
 
 
 def _examine(args) -> tuple[str, object]:
-    """Read one file's header. Returns ("entry", dict) | ("dicom", DicomFile) | ("skip", reason) | ("ignore", None)."""
-    path, root, salt, modality = args
+    """Read one file's header. Returns ("entry", dict) | ("dicom", DicomFile) | ("skip", reason) | ("companion" | "document", None)."""
+    path, root, salt, modality, patient_from = args
     kind = _classify(path)
     try:
         if kind == "volume":
-            return "entry", _read_volume(path, root, salt, modality)
+            return "entry", _read_volume(path, root, salt, modality, patient_from)
         if kind == "photo":
-            return "entry", _read_photo(path, root, salt, modality)
+            return "entry", _read_photo(path, root, salt, modality, patient_from)
         if kind == "dicom":
             return "dicom", read_dicom_header(path, force=not looks_like_dicom(path))
-        if kind == "companion":
-            return "ignore", None
+        if kind in ("companion", "document"):
+            return kind, None
         if _suffix(path) == ".npz":
             return "skip", "MedMNIST-style .npz archive: pass the .npz itself to medssl (it is not scanned)"
         return "skip", f"unrecognised format ({_suffix(path) or 'no extension'})"
@@ -281,6 +290,7 @@ def scan_folder(
     progress: bool = True,
     workers: int = 4,
     exclude: tuple[str, ...] = (),
+    patient_from: str = "file",
 ) -> ScanResult:
     """Find every usable image under ``root``.
 
@@ -292,6 +302,8 @@ def scan_folder(
         progress: show a progress bar.
         workers: threads reading headers (I/O bound).
         exclude: absolute paths to leave out (e.g. the datalist being written).
+        patient_from: for non-DICOM files, ``"file"`` (each file its own patient) or ``"folder"``
+            (the first folder below ``root`` names the patient). DICOM uses PatientID.
 
     Raises:
         FileNotFoundError: ``root`` does not exist. NotADirectoryError: it is a file.
@@ -303,10 +315,13 @@ def scan_folder(
         raise FileNotFoundError(f"scan: folder {root} does not exist")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"scan: {root} is a file; give the folder that contains it")
+    salt = default_salt() if salt is None else salt  # once, before the worker threads start
     paths = _walk(root, {os.path.abspath(p) for p in exclude})
     result = ScanResult()
     dicoms: list[DicomFile] = []
-    jobs = [(p, root, salt, modality) for p in paths]
+    if patient_from not in ("file", "folder"):
+        raise ValueError(f"patient_from must be 'file' or 'folder', got {patient_from!r}")
+    jobs = [(p, root, salt, modality, patient_from) for p in paths]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         outcomes = tqdm(pool.map(_examine, jobs), total=len(jobs), desc=f"scanning {root}", unit="file",
                         disable=not progress)
@@ -317,6 +332,8 @@ def scan_folder(
                 dicoms.append(value)
             elif kind == "skip":
                 result.skipped.append({"path": path, "reason": value})
+            elif kind == "document":
+                result.documents += 1
     series, skipped = group_series(dicoms)
     result.skipped += [{"path": p, "reason": r} for p, r in skipped]
     for s in series:

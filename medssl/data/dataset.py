@@ -1,0 +1,182 @@
+"""Datalists in, datasets and loaders out, with bad files logged and skipped.
+
+``load_source`` accepts what a user points medssl at (a datalist JSON, a MedMNIST ``.npz``, a
+folder to scan, or a list of entries); ``build_dataset`` wraps MONAI's ``Dataset`` /
+``CacheDataset`` / ``PersistentDataset`` so that an unreadable file is reported once and the
+sample is replaced by the next readable one: batches stay full and a run never dies because one
+file in thousands is corrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+
+from .io import describe
+
+__all__ = ["load_datalist", "load_source", "build_dataset", "build_loader", "SkipUnreadable", "SafeCacheDataset"]
+
+logger = logging.getLogger(__name__)
+
+
+def _resolve(image, base: Path):
+    if isinstance(image, list):
+        return [_resolve(p, base) for p in image]
+    return image if os.path.isabs(image) else str(base / image)
+
+
+def _exists(image) -> bool:
+    return all(os.path.exists(p) for p in image) if isinstance(image, list) else os.path.exists(image)
+
+
+def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict]:
+    """Read a MONAI-style datalist; relative paths are resolved against the file's folder.
+
+    Entries whose files are missing are dropped with a warning naming them; if none is left,
+    ``FileNotFoundError`` says so (typically: the data moved after the scan).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"datalist {path} does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"datalist {path} is not valid JSON ({exc})") from None
+    if not isinstance(content, dict) or key not in content:
+        raise ValueError(f"datalist {path} has no {key!r} list (keys: {list(content) if isinstance(content, dict) else type(content).__name__})")
+    entries, missing = [], []
+    for entry in content[key]:
+        entry = dict(entry)
+        entry["image"] = _resolve(entry["image"], path.parent.absolute())
+        (entries if _exists(entry["image"]) else missing).append(entry)
+    if missing:
+        shown = ", ".join(describe(e["image"]) for e in missing[:3])
+        msg = f"datalist {path}: {len(missing)} of {len(missing) + len(entries)} entries point to missing files ({shown} ...)"
+        if not entries:
+            raise FileNotFoundError(msg + "; were the files moved? Re-run `medssl scan` on their new folder")
+        logger.warning(msg + "; they are left out")
+    return entries
+
+
+def load_source(source, spatial_dims: int | None = None, split: str = "train", salt: str | None = None) -> list[dict]:
+    """Entries from a datalist ``.json``, a MedMNIST ``.npz``, a folder (scanned now) or a list.
+
+    Args:
+        spatial_dims: keep only entries of this dimensionality (``None`` keeps all).
+        split: the MedMNIST split to read.
+    """
+    if isinstance(source, (list, tuple)):
+        entries = [dict(e) for e in source]
+    else:
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            from .scan import scan_folder
+
+            entries = scan_folder(path, salt=salt, progress=False).entries
+        elif path.endswith(".npz"):
+            from .medmnist import load_medmnist
+
+            entries = load_medmnist(path, split=split)
+        elif path.endswith(".json"):
+            entries = load_datalist(path)
+        elif not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist")
+        else:
+            raise ValueError(f"{path}: expected a folder, a datalist .json or a MedMNIST .npz")
+    if spatial_dims is not None:
+        entries = [e for e in entries if e.get("spatial_dims", spatial_dims) == spatial_dims]
+    return entries
+
+
+class _Unreadable:
+    """Cache placeholder for an item whose deterministic transforms failed."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class SafeCacheDataset(CacheDataset):
+    """``CacheDataset`` whose cache fill survives unreadable files (they are re-raised on access,
+    where :class:`SkipUnreadable` handles them)."""
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as exc:
+            reason = str(exc.__cause__ or exc)
+            logger.warning("cannot cache %s: %s", describe(self.data[idx].get("image")), reason)
+            return _Unreadable(reason)
+
+    def _transform(self, index: int):
+        cached = self._cache[index] if self._cache is not None and index < self.cache_num else None
+        if isinstance(cached, _Unreadable):
+            raise RuntimeError(cached.reason)
+        return super()._transform(index)
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """Replace an item that fails to load by the next readable one (and remember the failure).
+
+    The replacement keeps batch sizes constant. Each bad item is logged once per process with the
+    file and the reason; if ``max_tries`` items in a row fail, the error is raised, because then the
+    problem is the pipeline, not one file.
+    """
+
+    def __init__(self, dataset: Dataset, max_tries: int = 16) -> None:
+        self.dataset, self.max_tries = dataset, max_tries
+        self.bad: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        n = len(self.dataset)
+        for step in range(min(self.max_tries, n)):
+            i = (index + step) % n
+            if i in self.bad:
+                continue
+            try:
+                return self.dataset[i]
+            except Exception as exc:
+                cause = exc.__cause__ or exc
+                while getattr(cause, "__cause__", None) is not None and "applying transform" in str(cause):
+                    cause = cause.__cause__
+                self.bad[i] = str(cause)
+                logger.warning("skipping %s: %s", describe(self.dataset.data[i].get("image")), cause)
+        raise RuntimeError(f"{self.max_tries} items in a row starting at {index} could not be loaded; last: {list(self.bad.values())[-1:]}")
+
+
+def build_dataset(entries: Sequence[dict], transform, cache: str | None = None, cache_dir: str | os.PathLike | None = None,
+                  num_workers: int = 2, progress: bool = True) -> SkipUnreadable:
+    """Wrap ``entries`` and ``transform`` in a MONAI dataset that skips unreadable files.
+
+    Args:
+        cache: ``None`` (load every time), ``"memory"`` (``CacheDataset``: the deterministic head of
+            ``transform`` runs once per entry, in ``num_workers`` threads) or ``"disk"``
+            (``PersistentDataset`` in ``cache_dir``: survives restarts, fits data larger than RAM).
+    """
+    if not entries:
+        raise ValueError("no entries to build a dataset from (empty datalist, or none of the requested dimensionality)")
+    if cache is None or cache == "none":
+        ds = Dataset(list(entries), transform)
+    elif cache == "memory":
+        ds = SafeCacheDataset(list(entries), transform, num_workers=num_workers, progress=progress, copy_cache=False)
+    elif cache == "disk":
+        if cache_dir is None:
+            raise ValueError("cache='disk' needs a cache_dir")
+        ds = PersistentDataset(list(entries), transform, cache_dir=cache_dir)
+    else:
+        raise ValueError(f"cache must be None, 'memory' or 'disk', got {cache!r}")
+    return SkipUnreadable(ds)
+
+
+def build_loader(dataset, batch_size: int = 8, shuffle: bool = True, num_workers: int = 0, drop_last: bool = True, **kwargs) -> DataLoader:
+    """MONAI ``DataLoader`` (its collate flattens multi-patch samples into the batch)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+                      persistent_workers=num_workers > 0, **kwargs)
