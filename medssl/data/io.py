@@ -9,7 +9,8 @@ clinical files needs and MONAI leaves to the user:
 - the reader is chosen by file type (ITK for DICOM/NRRD/MHA, so RescaleSlope/Intercept is applied
   and CT comes out in HU; nibabel for NIfTI; PIL for PNG/JPEG), whatever readers are installed;
 - single-slice DICOM (ITK gives depth 1) becomes a 2D image; one frame of a 4D volume is selected;
-- MONOCHROME1 radiographs are inverted so that bone is bright, as in MONOCHROME2;
+- MONOCHROME1 radiographs come out with bone bright, as in MONOCHROME2 (GDCM, under ITK,
+  already inverts them; a test holds us to that, since a second inversion would undo it);
 - NaN/Inf voxels are replaced by the lowest finite value, with a warning naming the file;
 - arrays (MedMNIST) pass through as tensors, so one pipeline serves files and arrays;
 - every failure raises :class:`UnreadableImage` naming the file.
@@ -78,14 +79,12 @@ class LoadMedicalImage(Transform):
 
     Args:
         frame: for 4D volumes, the frame to keep (``None`` keeps all frames as channels).
-        invert_monochrome1: flip MONOCHROME1 grey scales so that high values are bright.
     """
 
-    def __init__(self, frame: int | None = None, invert_monochrome1: bool = True) -> None:
+    def __init__(self, frame: int | None = None) -> None:
         self.frame = frame
-        self.invert_monochrome1 = invert_monochrome1
 
-    def __call__(self, image, frame: int | None = None, photometric: str | None = None) -> torch.Tensor:
+    def __call__(self, image, frame: int | None = None) -> torch.Tensor:
         frame = self.frame if frame is None else frame
         if isinstance(image, (np.ndarray, torch.Tensor)):
             img = MetaTensor(torch.as_tensor(np.asarray(image), dtype=torch.float32))
@@ -95,10 +94,6 @@ class LoadMedicalImage(Transform):
             img = img[frame : frame + 1]
         if img.ndim == 4 and img.shape[-1] == 1:  # one DICOM slice: a 2D image
             img = SqueezeDim(dim=-1, update_meta=True)(img)
-        meta = getattr(img, "meta", {})
-        photometric = photometric or str(meta.get("0028|0004", "")).strip()
-        if self.invert_monochrome1 and photometric == "MONOCHROME1":
-            img = img.amax() + img.amin() - img
         if not torch.isfinite(img).all():
             bad = ~torch.isfinite(img)
             low = img[~bad].min() if (~bad).any() else torch.tensor(0.0)
@@ -124,17 +119,16 @@ class LoadMedicalImage(Transform):
 
 
 class LoadMedicalImaged(MapTransform):
-    """Dictionary wrapper of :class:`LoadMedicalImage`; reads ``frame`` and ``photometric`` from the entry."""
+    """Dictionary wrapper of :class:`LoadMedicalImage`; reads the 4D ``frame`` from the entry."""
 
-    def __init__(self, keys: KeysCollection = "image", frame_key: str = "frame", photometric_key: str = "photometric",
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection = "image", frame_key: str = "frame", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadMedicalImage()
-        self.frame_key, self.photometric_key = frame_key, photometric_key
+        self.frame_key = frame_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.loader(d[key], frame=d.get(self.frame_key), photometric=d.get(self.photometric_key))
+            d[key] = self.loader(d[key], frame=d.get(self.frame_key))
         return d
 

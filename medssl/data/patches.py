@@ -113,7 +113,8 @@ class RandForegroundPatches(Randomizable, Transform):
     def sample_corners(self, spatial: Sequence[int], grid: np.ndarray | None = None) -> list[tuple[int, ...]]:
         """Draw the patch corners (the only random step)."""
         size = self._size(spatial)
-        weights = None if grid is None else grid.ravel().astype(np.float64)
+        grid = None if grid is None else np.asarray(grid, dtype=np.float64)  # PersistentDataset hands back a tensor
+        weights = None if grid is None else grid.ravel()
         cells = tuple(min(c, n) for c, n in zip(ensure_tuple_rep(self.cell, len(spatial)), spatial))
         corners = []
         for _ in range(self.num_samples):

@@ -348,7 +348,7 @@ def scan_folder(
         if s.channels > 1:
             entry["channels"] = s.channels
         if s.photometric == "MONOCHROME1":
-            entry["photometric"] = "MONOCHROME1"  # inverted grey scale: the loader flips it
+            entry["photometric"] = "MONOCHROME1"  # for the record: ITK's reader already inverts it
         if s.warnings:
             entry["warnings"] = s.warnings
         result.entries.append(entry)

@@ -1,0 +1,119 @@
+"""The standard pipeline and the dataset builder: shapes, caching, and skipping bad files."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from medssl.data.dataset import build_dataset, build_loader, load_datalist, load_source
+from medssl.data.pipeline import build_transforms
+from medssl.data.scan import scan_folder, write_datalist
+
+
+@pytest.mark.parametrize("spatial_dims,source_dims,size", [(3, None, 16), (2, None, 32), (2, 3, 32)])
+def test_pipeline_shapes_from_phantoms(phantoms, spatial_dims, source_dims, size):
+    source = source_dims or spatial_dims
+    entries = [e for e in scan_folder(phantoms, progress=False).entries if e["spatial_dims"] == source]
+    t = build_transforms(spatial_dims=spatial_dims, source_dims=source_dims, size=size, num_samples=2)
+    t.set_random_state(0)
+    out = t(entries[0])
+    samples = out if isinstance(out, list) else [out]
+    assert len(samples) == (2 if source == 3 else 1)
+    for s in samples:
+        assert type(s["image"]) is torch.Tensor and s["image"].shape == (1,) + (size,) * spatial_dims
+        assert 0.0 <= float(s["image"].min()) and float(s["image"].max()) <= 1.0
+        assert set(s) == {"image", "patient"}
+
+
+def test_ct_windows_become_channels(phantoms):
+    entry = next(e for e in scan_folder(phantoms / "ct_nifti", progress=False).entries)
+    out = build_transforms(spatial_dims=3, size=16, channels=3, ct_windows=["abdomen", "lung", "bone"], num_samples=1)(entry)
+    assert out[0]["image"].shape == (3, 16, 16, 16)
+
+
+@pytest.mark.parametrize("cache", [None, "memory", "disk"])
+def test_loader_skips_a_corrupt_file_and_keeps_batches_full(phantoms, tmp_path, cache, caplog):
+    entries = [e for e in scan_folder(phantoms / "ct_nifti", progress=False).entries] * 3
+    bad = tmp_path / "corrupt.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    entries.insert(2, {"image": str(bad), "modality": "CT", "patient": "x", "spatial_dims": 3})
+    ds = build_dataset(entries, build_transforms(spatial_dims=3, size=16, num_samples=2), cache=cache,
+                       cache_dir=tmp_path / "cache", progress=False)
+    with caplog.at_level(logging.WARNING):
+        batches = list(build_loader(ds, batch_size=2, shuffle=False))
+    assert len(batches) == 3 and all(b["image"].shape == (4, 1, 16, 16, 16) for b in batches)
+    assert "corrupt.nii.gz" in caplog.text
+    assert list(ds.bad) == [2]
+
+
+def test_cached_loading_gives_the_same_patches(phantoms):
+    entries = scan_folder(phantoms / "ct_nifti", progress=False).entries
+    t = build_transforms(spatial_dims=3, size=16, num_samples=1)
+    plain, cached = build_dataset(entries, t), build_dataset(entries, t, cache="memory", progress=False)
+    t.set_random_state(3)
+    a = plain[0][0]["image"]
+    t.set_random_state(3)
+    b = cached[0][0]["image"]
+    assert torch.equal(a, b)
+
+
+def test_moved_files(phantoms, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms / "ct_nifti", data)
+    path = write_datalist(scan_folder(data, progress=False), tmp_path / "dl.json")
+    assert len(load_datalist(path)) == 2
+    (data / "case_000.nii.gz").unlink()
+    assert len(load_datalist(path)) == 1  # the rest still loads; the missing one is named in a warning
+    shutil.rmtree(data)
+    with pytest.raises(FileNotFoundError, match="were the files moved"):
+        load_datalist(path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_datalist(tmp_path / "bad.json")
+
+
+def _npz(path, spatial_dims, rgb=False, test=False):
+    rng = np.random.default_rng(0)
+    shape = (6,) + (8,) * spatial_dims + ((3,) if rgb else ())
+    arrays = {"train_images": rng.integers(0, 256, shape, dtype=np.uint8), "train_labels": rng.integers(0, 2, (6, 1)),
+              "val_images": rng.integers(0, 256, shape, dtype=np.uint8)[:2], "val_labels": rng.integers(0, 2, (2, 1))}
+    if test:
+        arrays.update(test_images=arrays["val_images"], test_labels=arrays["val_labels"])
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_medmnist_npz(tmp_path, spatial_dims):
+    from medssl.data.medmnist import medmnist_splits
+
+    path = _npz(tmp_path / "m.npz", spatial_dims)
+    entries = load_source(path, split="train")
+    assert len(entries) == 6 and entries[0]["image"].shape == (1,) + (8,) * spatial_dims
+    assert entries[0]["image"].max() <= 1.0 and entries[0]["label"] in (0, 1)
+    assert medmnist_splits(path) == ["train", "val"]
+    assert medmnist_splits(_npz(tmp_path / "t.npz", spatial_dims, test=True)) == ["train", "val", "test"]
+    with pytest.raises(ValueError, match="no split 'test'"):
+        load_source(path, split="test")
+    out = build_transforms(spatial_dims=spatial_dims, size=8, num_samples=1)(entries[0])
+    out = out[0] if isinstance(out, list) else out
+    assert torch.allclose(out["image"], torch.as_tensor(entries[0]["image"]))  # preset "none": untouched
+    assert out["label"] == entries[0]["label"]
+
+
+def test_medmnist_rgb(tmp_path):
+    entries = load_source(_npz(tmp_path / "rgb.npz", 2, rgb=True))
+    assert entries[0]["image"].shape == (3, 8, 8)
+
+
+def test_datalist_roundtrip_through_json(phantoms, tmp_path):
+    path = write_datalist(scan_folder(phantoms, progress=False), tmp_path / "sub" / "dl.json")
+    raw = json.loads(path.read_text())
+    assert len(load_source(path)) == len(raw["training"]) == 6
+    assert len(load_source(path, spatial_dims=2)) == 2

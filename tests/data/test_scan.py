@@ -1,0 +1,129 @@
+"""Scanning: what is found, how series are grouped, and how each kind of bad input is reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from medssl.data.scan import scan_folder, write_datalist
+
+
+def _copy_series(src, dst, keep=None):
+    dst.mkdir(parents=True, exist_ok=True)
+    files = sorted(src.iterdir())
+    for i, f in enumerate(files):
+        if keep is None or i in keep:
+            shutil.copy(f, dst / f.name)
+    return sorted(dst.iterdir())
+
+
+def test_phantom_folder_scans_to_one_entry_per_series_and_image(phantoms):
+    result = scan_folder(phantoms, progress=False)
+    ct = [e for e in result.entries if e["modality"] == "CT"]
+    xr = [e for e in result.entries if e["modality"] == "XR"]
+    series = [e for e in ct if isinstance(e["image"], list)]
+    assert len(series) == 2 and len(ct) == 4 and len(xr) == 2  # 2 DICOM series + 2 NIfTI, 2 radiographs
+    for e in series:
+        assert e["spatial_dims"] == 3 and e["shape"] == [40, 36, 20] and e["spacing"] == [8.0, 8.0, 10.0]
+        z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in e["image"]]
+        assert z == sorted(z)  # ordered by position along the slice normal
+    assert result.skipped == [] and result.documents == 1  # labels.csv
+
+
+def test_datalist_never_holds_patient_names_or_ids(phantoms, tmp_path):
+    path = write_datalist(scan_folder(phantoms, progress=False), tmp_path / "dl.json")
+    text = path.read_text()
+    assert "PHANTOM" not in text and "MEDSSL-PHANTOM" not in text
+    data = json.loads(text)
+    hashes = {e["patient"] for e in data["training"]}
+    assert all(len(h) == 16 and int(h, 16) >= 0 for h in hashes)
+    first = data["training"][0]["image"]
+    assert not os.path.isabs(first[0] if isinstance(first, list) else first)  # relative to the datalist
+
+
+def test_salt_changes_hashes(phantoms):
+    a = scan_folder(phantoms / "ct_dicom", salt="a", progress=False).entries
+    b = scan_folder(phantoms / "ct_dicom", salt="b", progress=False).entries
+    assert [e["patient"] for e in a] != [e["patient"] for e in b]
+
+
+def test_interleaved_series_are_separated(phantoms, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for case in ("case_000", "case_001"):  # same file names in both series: rename as they come in
+        for f in (phantoms / "ct_dicom" / case).iterdir():
+            shutil.copy(f, mixed / f"{case}_{f.name}")
+    entries = scan_folder(mixed, progress=False).entries
+    assert len(entries) == 2
+    for e in entries:
+        uids = {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in e["image"]}
+        assert len(uids) == 1 and len(e["image"]) == 20
+
+
+def test_missing_slice_and_uneven_spacing_warn_but_keep(phantoms, tmp_path):
+    src = phantoms / "ct_dicom" / "case_000"
+    _copy_series(src, tmp_path / "gap", keep=set(range(20)) - {7, 8})
+    uneven = _copy_series(src, tmp_path / "uneven")
+    ds = pydicom.dcmread(uneven[10])
+    ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 3.0
+    ds.save_as(uneven[10])
+    gap = scan_folder(tmp_path / "gap", progress=False).entries
+    assert len(gap) == 1 and gap[0]["shape"][2] == 18 and "about 2 missing slice" in gap[0]["warnings"][0]
+    odd = scan_folder(tmp_path / "uneven", progress=False).entries
+    assert len(odd) == 1 and odd[0]["shape"][2] == 20 and "uneven slice spacing" in odd[0]["warnings"][0]
+
+
+def test_bad_files_are_skipped_with_reasons(phantoms, tmp_path):
+    folder = tmp_path / "bad"
+    good = _copy_series(phantoms / "ct_dicom" / "case_000", folder / "series")
+    data = good[0].read_bytes()
+    (folder / "truncated.dcm").write_bytes(data[: len(data) - 500])
+    (folder / "notes.dcm").write_text("this is not DICOM")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    os.symlink(folder / "nowhere.nii.gz", folder / "dangling.nii.gz")
+    result = scan_folder(folder, progress=False)
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in result.skipped}
+    assert reasons["truncated.dcm"].startswith("truncated")
+    assert "not a DICOM" in reasons["notes.dcm"] or "damaged DICOM" in reasons["notes.dcm"]
+    assert reasons["empty.png"] == "empty file (0 bytes)"
+    assert reasons["broken.png"].startswith("cannot decode image")
+    assert reasons["dangling.nii.gz"].startswith("unreadable")
+    series = [e for e in result.entries if isinstance(e["image"], list)]
+    assert len(series) == 1 and len(series[0]["image"]) == 20  # the good series is intact
+    assert "truncated" in result.summary() and "empty file" in result.summary()
+
+
+def test_nan_and_4d_volumes_are_kept_with_warnings(tmp_path):
+    vol = np.random.default_rng(0).normal(size=(8, 9, 10)).astype(np.float32)
+    vol[0, 0, :3] = np.nan
+    vol[1, 1, 1] = np.inf
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "nan_mr.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((8, 9, 10, 3)).astype(np.float32), np.eye(4)), tmp_path / "fmri.nii.gz")
+    entries = {os.path.basename(e["image"]): e for e in scan_folder(tmp_path, progress=False).entries}
+    assert "4 NaN/Inf" in entries["nan_mr.nii.gz"]["warnings"][0]
+    assert entries["fmri.nii.gz"]["frame"] == 0 and entries["fmri.nii.gz"]["shape"] == [8, 9, 10]
+
+
+def test_empty_and_missing_folders(tmp_path):
+    result = scan_folder(tmp_path, progress=False)
+    assert result.entries == [] and result.skipped == []
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_folder(tmp_path / "nope", progress=False)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        scan_folder(tmp_path / "f.txt", progress=False)
+
+
+def test_label_masks_are_not_images(tmp_path):
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(0).random((20, 20)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "vessels.png")
+    result = scan_folder(tmp_path, progress=False)
+    assert result.entries == [] and "label mask" in result.skipped[0]["reason"]
