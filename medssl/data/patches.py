@@ -17,6 +17,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.networks.layers.factories import Pool
 from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import ensure_tuple_rep
@@ -114,12 +115,13 @@ class RandForegroundPatches(Randomizable, Transform):
         """Draw the patch corners (the only random step)."""
         size = self._size(spatial)
         grid = None if grid is None else np.asarray(grid, dtype=np.float64)  # PersistentDataset hands back a tensor
-        weights = None if grid is None else grid.ravel()
+        cdf = None if grid is None else np.cumsum(grid.ravel())
         cells = tuple(min(c, n) for c, n in zip(ensure_tuple_rep(self.cell, len(spatial)), spatial))
         corners = []
         for _ in range(self.num_samples):
-            if weights is not None and weights.sum() > 0 and self.R.rand() < self.fg_prob:
-                cell = np.unravel_index(self.R.choice(weights.size, p=weights / weights.sum()), grid.shape)
+            if cdf is not None and cdf[-1] > 0 and self.R.rand() < self.fg_prob:
+                flat = min(int(np.searchsorted(cdf, self.R.rand() * cdf[-1], side="right")), cdf.size - 1)
+                cell = np.unravel_index(flat, grid.shape)  # drawn with probability ~ its foreground share
                 centre = [min(c * n + self.R.randint(n), s - 1) for c, n, s in zip(cell, cells, spatial)]
             else:
                 centre = [self.R.randint(s) for s in spatial]
@@ -130,7 +132,8 @@ class RandForegroundPatches(Randomizable, Transform):
         """Cut the patch at ``corner`` (deterministic); a copy, so a cached volume is never changed."""
         size = self._size(img.shape[1:])
         index = (slice(None),) + tuple(slice(c, c + p) for c, p in zip(corner, size))
-        return torch.as_tensor(img)[index].clone()  # (C, *patch_size)
+        plain = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)  # no metadata deep copy
+        return plain[index].clone()  # (C, *patch_size)
 
     def __call__(self, img: torch.Tensor, grid: np.ndarray | None = None) -> list[torch.Tensor]:
         return [self.crop(img, c) for c in self.sample_corners(img.shape[1:], grid)]
