@@ -150,7 +150,7 @@ def _load_volume(path: str) -> tuple[np.ndarray, list[int], list[float], int]:
         first = str(exc).strip().splitlines()
         raise UnreadableFile(f"cannot read volume ({first[-1] if first else exc})") from None
     channels = img.GetNumberOfComponentsPerPixel()
-    arr = sitk.GetArrayViewFromImage(img)  # (z, y, x[, c]): reverse the spatial axes to (x, y, z)
+    arr = sitk.GetArrayFromImage(img)  # a copy: a view would dangle once img is freed. (z, y, x[, c]) -> (x, y, z)
     arr = np.moveaxis(arr, -1, 0) if channels > 1 else arr
     arr = arr.transpose(tuple(range(arr.ndim - 1, -1, -1)))
     arr = arr[..., 0] if channels > 1 else arr

@@ -127,3 +127,16 @@ def test_label_masks_are_not_images(tmp_path):
     Image.fromarray((np.random.default_rng(0).random((20, 20)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "vessels.png")
     result = scan_folder(tmp_path, progress=False)
     assert result.entries == [] and "label mask" in result.skipped[0]["reason"]
+
+
+def test_nrrd_and_mha_volumes_scan_with_their_geometry(tmp_path):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    for i, suffix in enumerate([".nrrd", ".mha"] * 4):  # several files: scanned by concurrent threads
+        img = sitk.GetImageFromArray(rng.normal(100, 20, size=(6, 7, 8)).astype(np.float32))  # (z, y, x)
+        img.SetSpacing((0.5, 0.75, 2.0))
+        sitk.WriteImage(img, str(tmp_path / f"mr_{i}{suffix}"))
+    entries = scan_folder(tmp_path, progress=False).entries
+    assert len(entries) == 8
+    assert all(e["shape"] == [8, 7, 6] and e["spacing"] == [0.5, 0.75, 2.0] and e["modality"] == "MR" for e in entries)
