@@ -117,3 +117,12 @@ def test_datalist_roundtrip_through_json(phantoms, tmp_path):
     raw = json.loads(path.read_text())
     assert len(load_source(path)) == len(raw["training"]) == 6
     assert len(load_source(path, spatial_dims=2)) == 2
+
+
+def test_resampling_to_a_target_spacing(phantoms):
+    from monai.transforms import Compose
+
+    entry = next(e for e in scan_folder(phantoms / "ct_nifti", progress=False).entries)  # 40x36x20 at 8x8x10 mm
+    t = build_transforms(spatial_dims=3, size=16, pixdim=(16.0, 16.0, 20.0), num_samples=1)
+    head = Compose(t.transforms[:3])  # load, orientation, spacing
+    assert tuple(head(entry)["image"].shape) == (1, 20, 18, 10)
