@@ -33,10 +33,16 @@ def _pages(items: list, per_page: int):
         yield start // per_page, items[start : start + per_page]
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path) -> Path:
+    """Lay out, write atomically (a reader never sees half a PNG) and release the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     os.replace(tmp, path)
+    plt.close(fig)
+    return path
 
 
 def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 64, size_2d: int = 224, patches: int = 2,
@@ -89,11 +95,7 @@ def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 6
                 row[0].text(0, 0.5, f"cannot load:\n{str(exc.__cause__ or exc)[:160]}", fontsize=7, color="red", wrap=True)
                 logger.warning("preview: %s", exc.__cause__ or exc)
             bar.update(1)
-        fig.tight_layout()
-        path = out / f"preview_3d_{page:03d}.png"
-        _save(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"preview_3d_{page:03d}.png"))
 
     images = [e for e in chosen if e.get("spatial_dims", 3) == 2]
     cols = 4
@@ -111,10 +113,6 @@ def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 6
                 ax.text(0, 0.5, f"cannot load:\n{str(exc.__cause__ or exc)[:160]}", fontsize=7, color="red", wrap=True)
                 logger.warning("preview: %s", exc.__cause__ or exc)
             bar.update(1)
-        fig.tight_layout()
-        path = out / f"preview_2d_{page:03d}.png"
-        _save(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"preview_2d_{page:03d}.png"))
     bar.close()
     return written
