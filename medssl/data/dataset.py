@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 
-from .io import describe
+from .io import describe, root_cause
 
 __all__ = ["load_datalist", "load_source", "build_dataset", "build_loader", "SkipUnreadable", "SafeCacheDataset"]
 
@@ -109,7 +109,7 @@ class SafeCacheDataset(CacheDataset):
         try:
             return super()._load_cache_item(idx)
         except Exception as exc:
-            reason = str(exc.__cause__ or exc)
+            reason = str(root_cause(exc))
             logger.warning("cannot cache %s: %s", describe(self.data[idx].get("image")), reason)
             return _Unreadable(reason)
 
@@ -144,9 +144,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
             try:
                 return self.dataset[i]
             except Exception as exc:
-                cause = exc.__cause__ or exc
-                while getattr(cause, "__cause__", None) is not None and "applying transform" in str(cause):
-                    cause = cause.__cause__
+                cause = root_cause(exc)
                 self.bad[i] = str(cause)
                 logger.warning("skipping %s: %s", describe(self.dataset.data[i].get("image")), cause)
         raise RuntimeError(f"{self.max_tries} items in a row starting at {index} could not be loaded; last: {list(self.bad.values())[-1:]}")

@@ -28,13 +28,20 @@ from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader, PILReader
 from monai.transforms import LoadImage, MapTransform, SqueezeDim, Transform
 
-__all__ = ["DicomSeriesReader", "LoadMedicalImage", "LoadMedicalImaged", "UnreadableImage", "describe"]
+__all__ = ["DicomSeriesReader", "LoadMedicalImage", "LoadMedicalImaged", "UnreadableImage", "describe", "root_cause"]
 
 logger = logging.getLogger(__name__)
 
 
 class UnreadableImage(RuntimeError):
     """An image that cannot be loaded; the message names the file and the reason."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error under MONAI's "applying transform ..." wrappers (each raised ``from`` the one below)."""
+    while exc.__cause__ is not None and "applying transform" in str(exc):
+        exc = exc.__cause__
+    return exc
 
 
 class DicomSeriesReader(ITKReader):
@@ -63,15 +70,24 @@ def describe(image) -> str:
     return os.fspath(image)
 
 
-def _reader_for(image):
+# Reader per kind of source. DICOM (any name), NRRD and MHA/MHD go to ITK.
+_READERS = {
+    "series": lambda: DicomSeriesReader(affine_lps_to_ras=True),
+    "nifti": NibabelReader,
+    "photo": PILReader,
+    "itk": lambda: ITKReader(affine_lps_to_ras=True),
+}
+
+
+def _reader_kind(image) -> str:
     if isinstance(image, (list, tuple)):
-        return DicomSeriesReader(affine_lps_to_ras=True) if len(image) > 1 else _reader_for(image[0])
+        return "series" if len(image) > 1 else _reader_kind(image[0])
     name = os.fspath(image).lower()
     if name.endswith((".nii", ".nii.gz")):
-        return NibabelReader()
+        return "nifti"
     if name.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
-        return PILReader()
-    return ITKReader(affine_lps_to_ras=True)  # DICOM (any name), NRRD, MHA/MHD
+        return "photo"
+    return "itk"
 
 
 class LoadMedicalImage(Transform):
@@ -83,6 +99,14 @@ class LoadMedicalImage(Transform):
 
     def __init__(self, frame: int | None = None) -> None:
         self.frame = frame
+        # One MONAI LoadImage per reader kind, built on first use: LoadImage's constructor
+        # instantiates every installed reader, which is too much work to repeat per image.
+        self._loaders: dict[str, LoadImage] = {}
+
+    def _loader(self, kind: str) -> LoadImage:
+        if kind not in self._loaders:
+            self._loaders[kind] = LoadImage(reader=_READERS[kind](), image_only=True, ensure_channel_first=True, dtype=np.float32)
+        return self._loaders[kind]
 
     def __call__(self, image, frame: int | None = None) -> torch.Tensor:
         frame = self.frame if frame is None else frame
@@ -110,9 +134,8 @@ class LoadMedicalImage(Transform):
         if any(os.path.getsize(p) == 0 for p in paths):
             raise UnreadableImage(f"{name}: empty file (0 bytes)")
         source = image if len(paths) > 1 else os.fspath(paths[0])
-        loader = LoadImage(reader=_reader_for(image), image_only=True, ensure_channel_first=True, dtype=np.float32)
         try:
-            return loader(source)
+            return self._loader(_reader_kind(image))(source)
         except Exception as exc:  # readers raise RuntimeError, OSError, ValueError, EOFError ...
             reason = str(exc).strip().splitlines()
             raise UnreadableImage(f"{name}: cannot read ({type(exc).__name__}: {reason[-1] if reason else ''})") from exc

@@ -59,15 +59,16 @@ def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 6
     from tqdm.auto import tqdm
 
     from ..data.intensity import ModalityIntensityd
-    from ..data.io import LoadMedicalImaged
+    from ..data.io import LoadMedicalImaged, root_cause
     from ..data.pipeline import build_transforms
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    show_3d = Compose([LoadMedicalImaged(), Orientationd(keys="image", axcodes="RAS", labels=None),
-                       ModalityIntensityd(ct_windows=ct_windows)])
+    load = LoadMedicalImaged()
+    show_3d = Compose([Orientationd(keys="image", axcodes="RAS", labels=None), ModalityIntensityd(ct_windows=ct_windows)])
     patcher = build_transforms(spatial_dims=3, size=size_3d, num_samples=patches, ct_windows=ct_windows,
                                channels=len(ct_windows) if isinstance(ct_windows, list) else 1)
+    assert isinstance(patcher.transforms[0], LoadMedicalImaged)  # the volume is loaded once and shared below
     patcher.set_random_state(seed)
     show_2d = build_transforms(spatial_dims=2, size=size_2d, channels=3)
     written: list[Path] = []
@@ -82,18 +83,19 @@ def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 6
             for ax in row:
                 ax.axis("off")
             try:
-                vol = show_3d(entry)["image"]
+                loaded = load(entry)
+                vol = show_3d(loaded)["image"]
                 for ax, (name, view) in zip(row, orthogonal_views(vol).items()):
                     ax.imshow(view, cmap="gray", vmin=0, vmax=1)
                     ax.set_title(name, fontsize=8)
-                for j, sample in enumerate(patcher(entry)):
+                for j, sample in enumerate(patcher(loaded, start=1)):  # the real pipeline after its loading step
                     patch = sample["image"]
                     row[3 + j].imshow(orthogonal_views(patch)["axial"], cmap="gray", vmin=0, vmax=1)
                     row[3 + j].set_title(f"patch {j + 1} {size_3d}^3", fontsize=8)
                 row[0].text(-0.05, 0.5, _title(entry), transform=row[0].transAxes, ha="right", va="center", fontsize=7)
             except Exception as exc:  # show the failure where the picture would be
-                row[0].text(0, 0.5, f"cannot load:\n{str(exc.__cause__ or exc)[:160]}", fontsize=7, color="red", wrap=True)
-                logger.warning("preview: %s", exc.__cause__ or exc)
+                row[0].text(0, 0.5, f"cannot load:\n{str(root_cause(exc))[:160]}", fontsize=7, color="red", wrap=True)
+                logger.warning("preview: %s", root_cause(exc))
             bar.update(1)
         written.append(_save(fig, out / f"preview_3d_{page:03d}.png"))
 
@@ -110,8 +112,8 @@ def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 6
                 ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
                 ax.set_title(_title(entry), fontsize=7)
             except Exception as exc:
-                ax.text(0, 0.5, f"cannot load:\n{str(exc.__cause__ or exc)[:160]}", fontsize=7, color="red", wrap=True)
-                logger.warning("preview: %s", exc.__cause__ or exc)
+                ax.text(0, 0.5, f"cannot load:\n{str(root_cause(exc))[:160]}", fontsize=7, color="red", wrap=True)
+                logger.warning("preview: %s", root_cause(exc))
             bar.update(1)
         written.append(_save(fig, out / f"preview_2d_{page:03d}.png"))
     bar.close()
