@@ -1,0 +1,203 @@
+"""One Vision Transformer for 2D and 3D images (ViTDet-style, He/Li et al. arXiv:2203.16527).
+
+- convolutional patch embedding (``Conv[Conv.CONV, spatial_dims]``), any input whose size is a
+  multiple of the patch;
+- log-spaced sinusoidal position embeddings computed for the grid the input gives
+  (:mod:`~medssl.models.position`), so no table is learned or interpolated;
+- window attention without shift, with global attention every ``global_every``-th block and always
+  in the last block (so a CLS token sees the whole image before pooling);
+  ``window_size=None`` is a plain global ViT;
+- optional CLS token; ``forward(x, keep)`` runs on the visible tokens only (masked pretraining).
+
+Windows and masking: tokens are kept in window-major order (:class:`~medssl.models.windows.WindowLayout`).
+With windows, ``keep`` must hold the same number of slots for every window, window by window
+(``medssl.tasks.masking`` samples it that way); slots of -1 are padding, masked out of attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers import Conv
+from monai.utils import ensure_tuple_rep
+from torch import nn
+
+from .blocks import Block, key_padding_mask
+from .pooling import pool_tokens
+from .position import sincos_position_embedding
+from .windows import WindowLayout
+
+__all__ = ["ViT", "SIZES"]
+
+# Named sizes. micro is for tests and smoke runs; tiny/small/base are DeiT-Ti, DeiT-S and ViT-B.
+SIZES = {
+    "micro": dict(embed_dim=48, depth=2, num_heads=2),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+class ViT(nn.Module):
+    """ViT encoder: ``(B, C, *spatial) -> (B, P + N, D)`` tokens (P = 1 with a CLS token, else 0).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        patch_size: patch edge, an int or one per axis.
+        size: a named size from :data:`SIZES`; ``embed_dim``/``depth``/``num_heads`` override it.
+        mlp_ratio: MLP width / embed_dim.
+        window_size: tokens per window edge (int or per axis), or None for global attention only.
+        global_every: with windows, every ``global_every``-th block attends globally.
+        cls_token: prepend a learned CLS token.
+        drop_path: stochastic depth rate at the last block (linear from 0).
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, patch_size: int | Sequence[int] = 16, size: str = "tiny",
+                 embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0,
+                 window_size: int | Sequence[int] | None = None, global_every: int = 4, cls_token: bool = True,
+                 qkv_bias: bool = True, drop_path: float = 0.0, pos_temperature: float = 10000.0) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+        if global_every < 1:
+            raise ValueError(f"global_every must be >= 1, got {global_every}")
+        dims = {**SIZES[size], **{k: v for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads).items() if v}}
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        self.embed_dim, self.depth, self.num_heads = dims["embed_dim"], dims["depth"], dims["num_heads"]
+        self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
+        self.window_size = None if window_size is None else ensure_tuple_rep(window_size, spatial_dims)
+        self.pos_temperature = pos_temperature
+        self.num_prefix_tokens = int(cls_token)
+        d = self.embed_dim
+        self.patch_embed = Conv[Conv.CONV, spatial_dims](in_channels, d, kernel_size=self.patch_size, stride=self.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cls_token else None
+        rates = torch.linspace(0, drop_path, self.depth).tolist()
+        self.blocks = nn.ModuleList(Block(d, self.num_heads, mlp_ratio, qkv_bias, r) for r in rates)
+        self.global_blocks = tuple(self.window_size is None or (i + 1) % global_every == 0 or i == self.depth - 1
+                                   for i in range(self.depth))
+        self.norm = nn.LayerNorm(d)
+        self._pos_cache: dict = {}
+        self._layout_cache: dict = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As the MAE reference: xavier on linear layers and on the flattened patch projection.
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- geometry -------------------------------------------------------------------------
+    def grid_size(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """Token grid of an input of ``spatial_shape`` (raises if not a multiple of the patch)."""
+        spatial_shape = tuple(int(s) for s in spatial_shape)
+        if len(spatial_shape) != self.spatial_dims or any(s % p for s, p in zip(spatial_shape, self.patch_size)):
+            raise ValueError(f"input size {spatial_shape} is not a {self.spatial_dims}D multiple of patch_size {self.patch_size}")
+        return tuple(s // p for s, p in zip(spatial_shape, self.patch_size))
+
+    def pos_embed(self, grid: Sequence[int], device: torch.device) -> torch.Tensor:
+        """Position embeddings ``(N, D)`` of ``grid`` (cached per grid and device)."""
+        key = (tuple(grid), str(device))
+        if key not in self._pos_cache:
+            self._pos_cache[key] = sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
+        return self._pos_cache[key]
+
+    def layout(self, grid: Sequence[int], device: torch.device | str = "cpu") -> WindowLayout | None:
+        """The :class:`WindowLayout` of ``grid`` (None for a global-attention model)."""
+        if self.window_size is None:
+            return None
+        key = (tuple(grid), str(device))
+        if key not in self._layout_cache:
+            self._layout_cache[key] = WindowLayout(grid, self.window_size).to(device)
+        return self._layout_cache[key]
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode ``x`` ``(B, C, *spatial)``.
+
+        Args:
+            keep: optional ``(B, L)`` raster indices of the tokens to encode (-1 = padding slot).
+
+        Returns:
+            ``(B, P + N, D)`` in raster order when ``keep`` is None, else ``(B, P + L, D)`` in the
+            order of ``keep`` (padding slots are zeros).
+        """
+        tokens = self.patch_embed(x)  # (B, D, *grid)
+        grid = tuple(tokens.shape[2:])
+        b, d = tokens.shape[:2]
+        tokens = tokens.flatten(2).transpose(1, 2) + self.pos_embed(grid, tokens.device)  # (B, N, D)
+        layout = self.layout(grid, tokens.device)
+        slots = keep
+        if slots is None and layout is not None:
+            slots = layout.order.expand(b, -1)  # window-major order, -1 where windows overhang the grid
+        elif slots is not None and layout is not None:
+            self._check_window_slots(slots, layout)
+        valid = None
+        if slots is not None:
+            tokens = tokens.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))  # (B, L, D)
+            valid = slots >= 0
+            if bool(valid.all()):
+                valid = None
+        out = self.norm(self._encode(tokens, valid, layout))  # (B, P + L, D)
+        if valid is not None:
+            out = out * torch.cat([valid.new_ones(b, self.num_prefix_tokens), valid], 1).unsqueeze(-1).to(out.dtype)
+        if keep is None and layout is not None:  # back to raster order
+            index = torch.cat([torch.arange(self.num_prefix_tokens, device=out.device), layout.slot_of + self.num_prefix_tokens])
+            out = out[:, index]
+        return out
+
+    def _encode(self, tokens: torch.Tensor, valid: torch.Tensor | None, layout: WindowLayout | None) -> torch.Tensor:
+        b, n, d = tokens.shape
+        p = self.num_prefix_tokens
+        prefix = self.cls_token.expand(b, -1, -1) if p else tokens[:, :0]  # (B, P, D)
+        full_valid = None if valid is None else torch.cat([valid.new_ones(b, p), valid], 1)
+        global_mask = key_padding_mask(full_valid)
+        if layout is None:
+            x = torch.cat([prefix, tokens], 1)  # (B, P + N, D)
+            for blk in self.blocks:
+                x = blk(x, global_mask)
+            return x
+        nw = layout.n_windows
+        if n % nw:
+            raise ValueError(f"{n} token slots do not split into {nw} windows")
+        t = n // nw
+        window_mask = key_padding_mask(None if valid is None else valid.reshape(b * nw, t))
+        for blk, is_global in zip(self.blocks, self.global_blocks):
+            if is_global:
+                x = blk(torch.cat([prefix, tokens], 1), global_mask)
+                prefix, tokens = x[:, :p], x[:, p:]
+            else:
+                tokens = blk(tokens.reshape(b * nw, t, d), window_mask).reshape(b, n, d)  # (B * nW, T, D) inside
+                if p:
+                    prefix = blk(prefix)  # the CLS token is a window of its own
+        return torch.cat([prefix, tokens], 1)
+
+    @staticmethod
+    def _check_window_slots(slots: torch.Tensor, layout: WindowLayout) -> None:
+        b, n = slots.shape
+        if n % layout.n_windows:
+            raise ValueError(f"keep has {n} slots, not a multiple of the {layout.n_windows} attention windows; "
+                             "sample it with medssl.tasks.masking.sample_mask")
+        expected = torch.arange(layout.n_windows, device=slots.device).repeat_interleave(n // layout.n_windows)
+        got = layout.window_of[slots.clamp(min=0)]
+        if bool(((got != expected) & (slots >= 0)).any()):
+            raise ValueError("keep is not grouped window by window (same number of slots per window, in window order); "
+                             "sample it with medssl.tasks.masking.sample_mask")
+
+    # -- features -------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+        """One vector per image: ``pool_tokens(forward(x), pooling)``."""
+        return pool_tokens(self(x), pooling, self.num_prefix_tokens)
