@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .figure import save_figure
 from .views import display_2d, orthogonal_views
 
 __all__ = ["write_previews"]
@@ -31,18 +32,6 @@ def _title(entry: dict) -> str:
 def _pages(items: list, per_page: int):
     for start in range(0, len(items), per_page):
         yield start // per_page, items[start : start + per_page]
-
-
-def _save(fig, path: Path) -> Path:
-    """Lay out, write atomically (a reader never sees half a PNG) and release the figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-    plt.close(fig)
-    return path
 
 
 def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 64, size_2d: int = 224, patches: int = 2,
@@ -97,7 +86,7 @@ def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 6
                 row[0].text(0, 0.5, f"cannot load:\n{str(root_cause(exc))[:160]}", fontsize=7, color="red", wrap=True)
                 logger.warning("preview: %s", root_cause(exc))
             bar.update(1)
-        written.append(_save(fig, out / f"preview_3d_{page:03d}.png"))
+        written.append(save_figure(fig, out / f"preview_3d_{page:03d}.png"))
 
     images = [e for e in chosen if e.get("spatial_dims", 3) == 2]
     cols = 4
@@ -115,6 +104,6 @@ def write_previews(entries: list[dict], out: str | os.PathLike, size_3d: int = 6
                 ax.text(0, 0.5, f"cannot load:\n{str(root_cause(exc))[:160]}", fontsize=7, color="red", wrap=True)
                 logger.warning("preview: %s", root_cause(exc))
             bar.update(1)
-        written.append(_save(fig, out / f"preview_2d_{page:03d}.png"))
+        written.append(save_figure(fig, out / f"preview_2d_{page:03d}.png"))
     bar.close()
     return written

@@ -1,0 +1,12 @@
+"""Training: the monai.engines trainer, task schedules, determinism, checkpoints and handlers."""
+
+from .checkpoint import AtomicCheckpointSaver, ResumeFromLatest, atomic_save, latest_checkpoint, unwrap
+from .determinism import EpochSampler, SeededDataset, derive_seed, pretrain_loader
+from .handlers import ProgressBar, TaskPictures, scalars
+from .lr_schedule import WarmupCosine, warmup_cosine
+from .multitask import MultiTask, TaskSchedule
+from .trainer import PretrainTrainer, autocast_dtype
+
+__all__ = ["PretrainTrainer", "autocast_dtype", "MultiTask", "TaskSchedule", "EpochSampler", "SeededDataset", "derive_seed",
+           "pretrain_loader", "AtomicCheckpointSaver", "ResumeFromLatest", "atomic_save", "latest_checkpoint", "unwrap",
+           "ProgressBar", "TaskPictures", "scalars", "WarmupCosine", "warmup_cosine"]

@@ -1,0 +1,98 @@
+"""Reproducible data order and augmentation that survive ``--resume`` and any number of workers.
+
+Three rules make a run a pure function of its seed:
+
+1. :class:`EpochSampler` draws each epoch's order from ``(seed, epoch)`` and yields
+   ``(epoch, index)`` pairs; after a resume it starts mid-epoch at the right item.
+2. :class:`SeededDataset` re-seeds the MONAI transform chain from ``(seed, epoch, index)`` before
+   every item, so an item's random patches and augmentations do not depend on which worker made
+   it, nor on what came before (MONAI's own scheme seeds each worker once, so a resumed run would
+   draw different patches).
+3. The trainer seeds torch from ``(seed, iteration, rank)`` before every step, so masks and
+   dropout replay too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+
+__all__ = ["derive_seed", "EpochSampler", "SeededDataset", "pretrain_loader"]
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 31-bit seed from integers (``numpy.random.SeedSequence``)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled indices, one permutation per epoch from ``(seed, epoch)``, sharded over DDP ranks.
+
+    Yields ``(epoch, index)``. The sampler counts epochs itself (each ``iter`` is the next epoch);
+    :meth:`set_position` puts it at ``epoch`` skipping ``start`` items, which is how a resumed run
+    continues in the middle of an epoch.
+    """
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+        if size < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return -(-self.size // self.num_replicas)
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start
+        self.epoch, self.start = epoch + 1, 0
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch))).tolist()
+        else:
+            order = list(range(self.size))
+        order += order[: len(self) * self.num_replicas - self.size]  # equal share per rank
+        mine = order[self.rank:: self.num_replicas]
+        return iter([(epoch, i) for i in mine[start:]])
+
+
+def _transform_of(dataset):
+    while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset, "transform", None)
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Wrap a dataset so that item ``(epoch, i)`` is drawn with transforms seeded by ``(seed, epoch, i)``."""
+
+    def __init__(self, dataset, seed: int = 0) -> None:
+        self.dataset, self.seed = dataset, seed
+        self.transform = _transform_of(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=derive_seed(self.seed, epoch, index))
+        return self.dataset[index]
+
+
+def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: int = 0, drop_last: bool = True,
+                    distributed: bool | None = None, **kwargs) -> DataLoader:
+    """A MONAI ``DataLoader`` with an :class:`EpochSampler` over a :class:`SeededDataset`.
+
+    ``distributed=None`` shards over ranks when ``torch.distributed`` is initialised.
+    """
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+    if len(dataset) // world < batch_size and drop_last:
+        batch_size = max(1, len(dataset) // world)  # a tiny dataset still gives one full batch per epoch
+    sampler = EpochSampler(len(dataset), seed=seed, num_replicas=world, rank=rank)
+    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, persistent_workers=num_workers > 0, **kwargs)

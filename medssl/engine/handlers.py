@@ -1,0 +1,73 @@
+"""Engine handlers medssl adds to MONAI's: a progress bar with the loss, and task pictures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+
+from .checkpoint import unwrap
+
+__all__ = ["ProgressBar", "TaskPictures", "scalars"]
+
+
+def scalars(output):
+    """Output transform for MONAI's stats handlers: log every scalar the step returned."""
+    return output
+
+
+class ProgressBar:
+    """ignite's tqdm progress bar over each epoch, showing the running loss."""
+
+    def __init__(self, persist: bool = False) -> None:
+        self.persist = persist
+
+    def attach(self, engine) -> None:
+        from ignite.handlers import ProgressBar as IgniteBar
+
+        IgniteBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": out["loss"]})
+
+
+class TaskPictures:
+    """Write each task's ``visualize`` panels (e.g. MAE input / masked / reconstruction) to PNGs.
+
+    The first ``n`` samples of the first batch are kept and drawn again every ``every`` epochs and
+    at the end (``<task>_epoch<NNN>.png``, ``<task>_final.png``), so pictures compare across epochs.
+    Masks for the pictures come from a fixed seed and leave the training random stream untouched.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, every: int = 1, n: int = 4, seed: int = 0) -> None:
+        self.out_dir, self.every, self.n, self.seed = Path(out_dir), every, n, seed
+        self.batch: dict | None = None
+        self.written: list[Path] = []
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_batch)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+        engine.add_event_handler(Events.COMPLETED, self, final=True)
+
+    def _keep_batch(self, engine) -> None:
+        if self.batch is None:
+            self.batch = {k: v[: self.n].detach().clone() for k, v in engine.state.batch.items() if isinstance(v, torch.Tensor)}
+
+    def __call__(self, engine, final: bool = False) -> None:
+        if self.batch is None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            return
+        from ..viz.panels import write_panels
+
+        network = unwrap(engine.network)
+        tasks = getattr(network, "tasks", {"task": network})
+        batch = {k: v.to(engine.state.device) for k, v in self.batch.items()}
+        was_training = network.training
+        network.eval()
+        tag = "final" if final else f"epoch{engine.state.epoch:03d}"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for name, task in tasks.items():
+                images = task.visualize(batch)
+                if images:
+                    title = f"{name} - epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+                    self.written.append(write_panels(images, self.out_dir / f"{name}_{tag}.png", title=title))
+        network.train(was_training)

@@ -1,0 +1,74 @@
+"""Several tasks over one shared backbone, one task per minibatch on a schedule.
+
+The seed toolkit samples its tasks cyclically at each minibatch. The schedule is a pure function of
+the iteration number, so a resumed run continues with the right task without saving anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..tasks.base import Task
+from .determinism import derive_seed
+
+__all__ = ["TaskSchedule", "MultiTask"]
+
+
+class TaskSchedule:
+    """Which task runs at iteration ``i`` (1-based, as ignite counts).
+
+    ``cyclic``: tasks in turn; ``random``: drawn with probabilities ``weights`` from ``(seed, i)``.
+    """
+
+    def __init__(self, n_tasks: int, mode: str = "cyclic", weights: Sequence[float] | None = None, seed: int = 0) -> None:
+        if mode not in ("cyclic", "random"):
+            raise ValueError(f"schedule mode must be 'cyclic' or 'random', got {mode!r}")
+        weights = list(weights) if weights is not None else [1.0] * n_tasks
+        if len(weights) != n_tasks or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"need {n_tasks} non-negative schedule weights, got {weights}")
+        self.n_tasks, self.mode, self.seed = n_tasks, mode, seed
+        self.cumulative = torch.tensor(weights, dtype=torch.float64).cumsum(0) / sum(weights)
+
+    def __call__(self, iteration: int) -> int:
+        if self.mode == "cyclic":
+            return (iteration - 1) % self.n_tasks
+        u = torch.rand((), generator=torch.Generator().manual_seed(derive_seed(self.seed, iteration)), dtype=torch.float64)
+        return int(torch.searchsorted(self.cumulative, u, right=True).clamp(max=self.n_tasks - 1))
+
+
+class MultiTask(nn.Module):
+    """Tasks sharing one backbone; ``forward(batch, iteration)`` runs the scheduled task.
+
+    Returns the task's dict with its loss scaled by the task's ``loss_weights`` entry, every value
+    also under ``"<task>/<key>"`` for per-task logging, and ``"task"``: the task's index.
+    """
+
+    def __init__(self, tasks: Task | Sequence[Task] | Mapping[str, Task], schedule: str = "cyclic",
+                 schedule_weights: Sequence[float] | None = None, loss_weights: Mapping[str, float] | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(tasks, Task):
+            tasks = [tasks]
+        if not isinstance(tasks, Mapping):
+            tasks = {t.name: t for t in tasks}
+        if not tasks:
+            raise ValueError("MultiTask needs at least one task")
+        backbones = {id(t.backbone) for t in tasks.values()}
+        if len(backbones) != 1:
+            raise ValueError("all tasks must share one backbone object")
+        self.tasks = nn.ModuleDict(tasks)
+        self.backbone = next(iter(tasks.values())).backbone
+        self.names = list(tasks)
+        self.schedule = TaskSchedule(len(tasks), schedule, schedule_weights, seed)
+        self.loss_weights = {n: float((loss_weights or {}).get(n, 1.0)) for n in self.names}
+
+    def forward(self, batch: dict, iteration: int = 1) -> dict[str, torch.Tensor]:
+        name = self.names[self.schedule(iteration)]
+        out = dict(self.tasks[name](batch))
+        out["loss"] = out["loss"] * self.loss_weights[name]
+        out.update({f"{name}/{k}": v for k, v in list(out.items())})
+        out["task"] = torch.tensor(self.names.index(name))
+        return out

@@ -1,0 +1,52 @@
+"""Side-by-side pictures of named image batches (MAE inputs, masked inputs, reconstructions...).
+
+2D images become one tile each; 3D volumes become three tiles (axial, coronal, sagittal through
+the centre), in radiological orientation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .figure import save_figure
+from .views import display_2d, orthogonal_views
+
+__all__ = ["write_panels"]
+
+
+def _tiles(img: torch.Tensor) -> list[tuple[str, np.ndarray]]:
+    img = img.detach().float().cpu()
+    if img.ndim == 3:  # (C, W, H)
+        return [("", display_2d(img))]
+    return list(orthogonal_views(img).items())
+
+
+def write_panels(images: Mapping[str, torch.Tensor], path: str | os.PathLike, title: str = "", max_rows: int = 4) -> Path:
+    """One row per sample, one column per (name, view); values shown on [0, 1]. Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(images)
+    rows = min(max_rows, len(images[names[0]]))
+    columns = [(name, view) for name in names for view, _ in _tiles(images[name][0])]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.9 * len(columns), 1.9 * rows + 0.4), squeeze=False)
+    for r in range(rows):
+        tiles = [t for name in names for t in _tiles(images[name][r])]
+        for c, ((name, view), (_, tile)) in enumerate(zip(columns, tiles)):
+            ax = axes[r, c]
+            ax.imshow(np.clip(tile, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{name}\n{view}" if view else name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
