@@ -1,8 +1,21 @@
 """medssl: self-supervised pretraining of 2D/3D Vision Transformers on unlabeled medical images.
 
 The package is organised as the flow of data (see ``docs/architecture.md``):
-``medssl.data`` (files on disk -> datalists -> tensors), ``medssl.viz`` (pictures) and
-``medssl.cli`` (the ``medssl`` command). Sub-packages import their heavy dependencies lazily.
+``medssl.data`` (files on disk -> datalists -> tensors), ``medssl.models`` (the ViT backbone),
+``medssl.tasks`` (pretraining tasks), ``medssl.engine`` (the trainer), ``medssl.eval``
+(embeddings and evaluation), ``medssl.viz`` (pictures) and ``medssl.cli`` (the ``medssl``
+command). Sub-packages are imported on first use, so ``import medssl`` is instant and bundle
+configs can write ``$import medssl`` then ``medssl.data.synthetic.embedded_dataset(...)``.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+_SUBPACKAGES = ("data", "models", "tasks", "engine", "eval", "viz", "cli", "bundles")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

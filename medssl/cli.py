@@ -44,19 +44,105 @@ def _phantoms(args) -> int:
     return 0
 
 
+def _parse_sets(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> overrides; values parse as YAML (numbers, null, lists)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _pretrain_overrides(args) -> dict:
+    from .bundles import data_overrides
+
+    overrides = dict(data_overrides(args.data)) if args.data else {}
+    if args.data:
+        if not Path(args.data).exists():
+            raise FileNotFoundError(f"--data {args.data} does not exist")
+        overrides["dataset_dir"] = str(Path(args.data).resolve())
+    flags = {"max_epochs": args.max_epochs, "batch_size": args.batch_size, "num_workers": args.workers,
+             "vit_size": args.size, "image_size": args.image_size, "patch_size": args.patch_size, "seed": args.seed}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    overrides.update(_parse_sets(args.set))
+    return overrides
+
+
+def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False) -> Path:
+    """Run bundle ``bundle``'s train config into ``out``; records the settings in ``out/run.json``."""
+    import json
+
+    from .bundles import run_bundle
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / "run.json"
+    if resume and record.exists():  # resuming: the recorded settings win, new flags (e.g. more epochs) on top
+        saved = json.loads(record.read_text())
+        if saved.get("bundle") != bundle:
+            raise ValueError(f"{out} was pretrained with bundle {saved.get('bundle')!r}, not {bundle!r}")
+        overrides = {**saved["overrides"], **overrides}
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"bundle": bundle, "overrides": overrides}, indent=2) + "\n")
+    tmp.replace(record)
+    run_bundle(bundle, "train", {**overrides, "output_dir": str(out), "resume": resume})
+    return out
+
+
+def _pretrain(args) -> int:
+    out = pretrain(args.bundle, args.out, _pretrain_overrides(args), resume=args.resume)
+    print(f"\nencoder:     {out / 'models' / 'model.pt'}\ncheckpoints: {out / 'models'}\n"
+          f"pictures:    {out / 'pictures'}\nlogs:        {out / 'logs'}  (tensorboard --logdir {out / 'logs'})")
+    return 0
+
+
+def _embed(args) -> int:
+    import json
+
+    from .bundles import data_overrides, run_bundle
+
+    ckpt = Path(args.checkpoint).resolve()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--checkpoint {ckpt} does not exist")
+    record = ckpt.parent.parent / "run.json"
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    bundle = args.bundle or saved.get("bundle")
+    if bundle is None:
+        raise ValueError(f"no {record} next to the checkpoint (written by `medssl pretrain`); say which bundle made it with --bundle")
+    overrides = {k: v for k, v in saved.get("overrides", {}).items() if k not in ("dataset_dir", "max_epochs", "batch_size", "seed")}
+    overrides.update({k: v for k, v in data_overrides(args.data).items() if k not in overrides})
+    overrides.update(dataset_dir=str(Path(args.data).resolve()), ckpt_path=str(ckpt), embeddings_file=str(Path(args.out).resolve()),
+                     pooling=args.pooling, output_dir=str(Path(args.out).resolve().parent), **_parse_sets(args.set))
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data} does not exist")
+    run_bundle(bundle, "inference", overrides)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _demo(args) -> int:
-    """The README's main job on the embedded data: phantoms -> scan -> preview."""
+    """The README's main job on the embedded data: phantoms -> scan -> preview -> 3D MAE pretraining."""
     from .data.scan import scan_folder, write_datalist
     from .data.synthetic import make_phantoms
     from .viz.preview import write_previews
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     data = make_phantoms(out / "data", n_cases=args.cases, seed=args.seed, progress=not args.quiet)
     result = scan_folder(data, progress=not args.quiet)
     datalist = write_datalist(result, out / "datalist.json")
     print(result.summary())
     files = write_previews(result.entries, out / "preview", max_items=args.cases * 3, progress=not args.quiet)
-    print(f"\nphantoms:  {data}\ndatalist:  {datalist}\npreviews:  " + "\n           ".join(str(f) for f in files))
+    print("\npretraining a 3D MAE (ViT-Tiny, ViTDet windows) on the phantom CT series ...")
+    run = pretrain("mae_ct_3d", out / "pretrain", {"dataset_dir": str(data / "ct_dicom"), "max_epochs": args.epochs,
+                                                   "picture_every": max(1, args.epochs // 4), "seed": args.seed})
+    pictures = sorted((run / "pictures").glob("*.png"))
+    print(f"\nphantoms:    {data}\ndatalist:    {datalist}\npreviews:    " + "\n             ".join(str(f) for f in files))
+    print(f"encoder:     {run / 'models' / 'model.pt'}\ncheckpoints: {run / 'models'}\nlogs:        {run / 'logs'}\n"
+          "MAE pictures: " + "\n             ".join(str(f) for f in pictures))
     return 0
 
 
@@ -89,9 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_phantoms)
 
-    p = sub.add_parser("demo", help="main job on the embedded data: phantoms, scan, preview")
+    p = sub.add_parser("pretrain", help="pretrain an encoder with a bundle (checkpoints, logs, pictures in --out)")
+    p.add_argument("--bundle", required=True, help="bundle name (mae_ct_3d, mae_xray_2d, ...) or folder")
+    p.add_argument("--data", help="folder of images, datalist .json or MedMNIST .npz (default: the embedded phantoms)")
+    p.add_argument("--out", required=True, help="run folder: models/model.pt, checkpoints, logs/, pictures/, run.json")
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="data loader processes")
+    p.add_argument("--size", choices=("micro", "tiny", "small", "base"), help="ViT size")
+    p.add_argument("--image-size", type=int, help="image (2D) or patch (3D) edge")
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other bundle setting, e.g. --set mask_ratio=0.6")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("embed", help="write one embedding per image to an .npz with a pretrained encoder")
+    p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")
+    p.add_argument("--data", required=True, help="folder of images, datalist .json or MedMNIST .npz")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--pooling", choices=("cls", "mean", "flatten"), default="mean")
+    p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("demo", help="main job on the embedded data: phantoms, scan, preview, 3D MAE pretraining")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=120, help="pretraining epochs (default 120: a few minutes on a laptop CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
     return parser

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from monai.transforms import (
+    CenterSpatialCropd,
     Compose,
     EnsureTyped,
     Orientationd,
@@ -63,8 +64,13 @@ class PipelineConfig:
             raise ValueError(f"source_dims {self.source_dims} does not fit spatial_dims {self.spatial_dims}")
 
 
-def build_transforms(config: PipelineConfig | None = None, **overrides) -> Compose:
-    """Build the pipeline for ``config`` (or ``PipelineConfig(**overrides)``)."""
+def build_transforms(config: PipelineConfig | None = None, train: bool = True, **overrides) -> Compose:
+    """Build the pipeline for ``config`` (or ``PipelineConfig(**overrides)``).
+
+    ``train=False`` gives the deterministic twin used for embeddings and evaluation: 3D volumes
+    come out whole (padded to at least ``size``; tile them with :func:`medssl.eval.features.tiles`)
+    and 2D-from-3D takes the middle slice instead of random ones.
+    """
     cfg = config or PipelineConfig(**overrides)
     source = cfg.source_dims or cfg.spatial_dims
     k = "image"
@@ -84,11 +90,15 @@ def build_transforms(config: PipelineConfig | None = None, **overrides) -> Compo
         cell = max(1, min(size) // 4)
         head += [SpatialPadd(keys=k, spatial_size=size), ForegroundGridd(keys=k, threshold=cfg.fg_threshold, cell=cell)]
         tail = [RandForegroundPatchesd(keys=k, patch_size=size, num_samples=cfg.num_samples, fg_prob=cfg.fg_prob, cell=cell)]
+        if not train:
+            head, tail = head[:-1], []  # the whole volume; no foreground map needed
     elif source == 3:  # 2D slices of 3D volumes
         cell = (16, 16, 1)  # one row of cells per slice: slices are drawn by their foreground share
         head += [SliceAxisLastd(keys=k), ForegroundGridd(keys=k, threshold=cfg.fg_threshold, cell=cell)]
         tail = [RandForegroundPatchesd(keys=k, patch_size=(-1, -1, 1), num_samples=cfg.num_samples, fg_prob=cfg.fg_prob, cell=cell),
                 SqueezeDimd(keys=k, dim=3)] + to_square
+        if not train:
+            head, tail = head[:-1], [CenterSpatialCropd(keys=k, roi_size=(-1, -1, 1)), SqueezeDimd(keys=k, dim=3)] + to_square
     else:
         head += to_square
         tail = []

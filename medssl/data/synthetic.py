@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PhantomCase", "make_ct_phantom", "make_phantoms", "drr"]
+__all__ = ["PhantomCase", "make_ct_phantom", "make_phantoms", "drr", "embedded_dataset", "EMBEDDED_KINDS"]
 
 
 @dataclass(frozen=True)
@@ -189,3 +189,31 @@ def make_phantoms(out: str | os.PathLike, n_cases: int = 8, seed: int = 0, shape
         writer.writeheader()
         writer.writerows(rows)
     return out
+
+
+EMBEDDED_KINDS = ("ct_dicom", "ct_nifti", "xray")
+
+
+def embedded_dataset(kind: str = "ct_dicom", root: str | os.PathLike | None = None, n_cases: int = 8, seed: int = 0) -> str:
+    """Folder of the embedded default data (generated once, on first use): the bundles' ``dataset_dir``.
+
+    ``root`` defaults to ``$MEDSSL_DATA`` or ``~/.cache/medssl/phantoms``. The set is written to a
+    temporary sibling and renamed into place, so concurrent first uses (DDP ranks) never see half a set.
+    """
+    import shutil
+    import tempfile
+
+    if kind not in EMBEDDED_KINDS:
+        raise ValueError(f"embedded data kind must be one of {EMBEDDED_KINDS}, got {kind!r}")
+    root = Path(root or os.environ.get("MEDSSL_DATA") or Path.home() / ".cache" / "medssl" / "phantoms")
+    if not (root / "labels.csv").exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        make_phantoms(tmp, n_cases=n_cases, seed=seed, progress=False)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first (or root exists but is incomplete)
+            if not (root / "labels.csv").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(root / kind)

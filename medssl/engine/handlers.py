@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from .checkpoint import unwrap
 
 __all__ = ["ProgressBar", "TaskPictures", "scalars"]
 
+logger = logging.getLogger("medssl.train")
+
 
 def scalars(output):
     """Output transform for MONAI's stats handlers: log every scalar the step returned."""
@@ -19,15 +22,31 @@ def scalars(output):
 
 
 class ProgressBar:
-    """ignite's tqdm progress bar over each epoch, showing the running loss."""
+    """ignite's tqdm progress bar over each epoch showing the loss, and one summary line per epoch."""
 
-    def __init__(self, persist: bool = False) -> None:
-        self.persist = persist
+    def __init__(self, persist: bool = False, summary: bool = True) -> None:
+        self.persist, self.summary = persist, summary
+        self._sums: dict[str, float] = {}
+        self._count = 0
 
     def attach(self, engine) -> None:
         from ignite.handlers import ProgressBar as IgniteBar
 
         IgniteBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": out["loss"]})
+        if self.summary:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+    def _accumulate(self, engine) -> None:
+        for k, v in (engine.state.output or {}).items():
+            if k != "task" and "/" not in k:
+                self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._count += 1
+
+    def _report(self, engine) -> None:
+        means = "  ".join(f"{k} {v / max(self._count, 1):.4g}" for k, v in self._sums.items())
+        logger.info("epoch %d/%d (iteration %d): %s", engine.state.epoch, engine.state.max_epochs, engine.state.iteration, means)
+        self._sums, self._count = {}, 0
 
 
 class TaskPictures:

@@ -26,7 +26,12 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """``LambdaLR`` with :class:`WarmupCosine`; step it once per iteration."""
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int | None = None,
+                  warmup_fraction: float = 0.05, min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with :class:`WarmupCosine`; step it once per iteration.
+
+    The warm-up lasts ``warmup_steps``, or ``warmup_fraction`` of ``total_steps`` when not given.
+    """
+    if warmup_steps is None:
+        warmup_steps = round(total_steps * warmup_fraction)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps, min_ratio))

@@ -138,7 +138,7 @@ class PretrainTrainer(SupervisedTrainer):
             self.scaler.update()
         else:
             engine.optimizer.step()
-        result = {k: float(v) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        result = {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
         result["grad_norm"] = float(grad_norm)
         result["lr"] = engine.optimizer.param_groups[0]["lr"]
         return result

@@ -122,7 +122,7 @@ class MAETask(Task):
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
-        """``input``, ``masked`` (hidden patches grey) and ``reconstruction`` (visible + predicted)."""
+        """``input``, ``masked`` (hidden patches NaN, drawn in colour) and ``reconstruction`` (visible + predicted)."""
         img = batch[self.image_key]
         pixels, mask, grid = self.sample(img)
         pred = self.decode(self.backbone(img, mask.keep), mask, grid).float()
@@ -134,7 +134,7 @@ class MAETask(Task):
         recon = pixels.float().clone()
         recon.scatter_(1, index, torch.where(hidden, pred, recon.gather(1, index)))
         masked = pixels.float().clone()
-        masked.scatter_(1, index, torch.where(hidden, torch.full_like(pred, 0.5), masked.gather(1, index)))
+        masked.scatter_(1, index, torch.where(hidden, torch.full_like(pred, float("nan")), masked.gather(1, index)))
         c = img.shape[1]
         return {"input": img.float(), "masked": unpatchify(masked, self.patch_size, grid, c),
                 "reconstruction": unpatchify(recon.clamp(0, 1), self.patch_size, grid, c)}

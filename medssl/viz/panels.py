@@ -1,7 +1,8 @@
 """Side-by-side pictures of named image batches (MAE inputs, masked inputs, reconstructions...).
 
 2D images become one tile each; 3D volumes become three tiles (axial, coronal, sagittal through
-the centre), in radiological orientation.
+the centre), in radiological orientation. NaN pixels (e.g. the patches an MAE hid) are drawn in
+:data:`HIDDEN_COLOUR`, so they cannot be mistaken for tissue or air.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 from .figure import save_figure
 from .views import display_2d, orthogonal_views
 
-__all__ = ["write_panels"]
+__all__ = ["write_panels", "HIDDEN_COLOUR"]
+
+HIDDEN_COLOUR = (0.23, 0.44, 0.71)
 
 
 def _tiles(img: torch.Tensor) -> list[tuple[str, np.ndarray]]:
@@ -41,7 +44,10 @@ def write_panels(images: Mapping[str, torch.Tensor], path: str | os.PathLike, ti
         tiles = [t for name in names for t in _tiles(images[name][r])]
         for c, ((name, view), (_, tile)) in enumerate(zip(columns, tiles)):
             ax = axes[r, c]
-            ax.imshow(np.clip(tile, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            hidden = np.isnan(tile) if tile.ndim == 2 else np.isnan(tile).any(-1)
+            rgb = np.repeat(np.clip(np.nan_to_num(tile), 0, 1)[..., None], 3, -1) if tile.ndim == 2 else np.clip(np.nan_to_num(tile), 0, 1)
+            rgb[hidden] = HIDDEN_COLOUR
+            ax.imshow(rgb, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

@@ -1,0 +1,95 @@
+"""Finding, checking and running medssl's MONAI Bundles from Python (the CLI's back end)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["bundle_root", "list_bundles", "check_metadata", "run_bundle", "data_overrides", "REQUIRED_METADATA",
+           "REQUIRED_TENSOR_KEYS"]
+
+# The mandatory keys of the MONAI Bundle specification (docs.monai.io, mb_specification).
+REQUIRED_METADATA = ("version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version", "task",
+                     "description", "authors", "copyright", "network_data_format")
+REQUIRED_TENSOR_KEYS = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def")
+
+
+def _search_path() -> list[Path]:
+    paths = [Path(p) for p in os.environ.get("MEDSSL_BUNDLES", "").split(os.pathsep) if p]
+    return paths + [Path(__file__).resolve().parents[1] / "bundles"]
+
+
+def list_bundles() -> list[str]:
+    """Names of the bundles found on the search path (``$MEDSSL_BUNDLES``, then the repository's ``bundles/``)."""
+    return sorted({p.name for root in _search_path() if root.is_dir() for p in root.iterdir() if (p / "configs").is_dir()})
+
+
+def bundle_root(name: str | os.PathLike) -> Path:
+    """The folder of bundle ``name`` (a bundle name or a path to a bundle folder)."""
+    path = Path(name)
+    if (path / "configs").is_dir():
+        return path.resolve()
+    for root in _search_path():
+        if (root / str(name) / "configs").is_dir():
+            return (root / str(name)).resolve()
+    raise FileNotFoundError(f"no bundle named {name!r}; available: {', '.join(list_bundles()) or 'none'} "
+                            "(or give the path of a bundle folder)")
+
+
+def check_metadata(meta: Mapping) -> list[str]:
+    """Problems with a bundle's ``metadata.json`` against the MONAI Bundle specification ([] if none)."""
+    problems = [f"missing key {k!r}" for k in REQUIRED_METADATA if k not in meta]
+    fmt = meta.get("network_data_format", {})
+    for side in ("inputs", "outputs"):
+        tensors = fmt.get(side)
+        if not isinstance(tensors, Mapping) or not tensors:
+            problems.append(f"network_data_format has no {side}")
+            continue
+        for name, spec in tensors.items():
+            problems += [f"network_data_format.{side}.{name} lacks {k!r}" for k in REQUIRED_TENSOR_KEYS if k not in spec]
+    if not isinstance(meta.get("optional_packages_version", {}), Mapping):
+        problems.append("optional_packages_version must be a mapping")
+    return problems
+
+
+def run_bundle(name: str | os.PathLike, config: str = "train", overrides: Mapping | None = None) -> None:
+    """``python -m monai.bundle run`` for ``configs/<config>.yaml`` of bundle ``name`` with ``overrides``.
+
+    ``bundle_root`` defaults to the current folder, like a model-zoo bundle run from its checkout.
+    """
+    from monai.bundle import run
+
+    root = bundle_root(name)
+    configs = root / "configs"
+    meta = json.loads((configs / "metadata.json").read_text())
+    problems = check_metadata(meta)
+    if problems:
+        raise ValueError(f"{configs / 'metadata.json'}: " + "; ".join(problems))
+    settings = {"bundle_root": os.getcwd(), **(overrides or {})}
+    run(config_file=str(configs / f"{config}.yaml"), meta_file=str(configs / "metadata.json"),
+        logging_file=str(configs / "logging.conf"), **settings)
+
+
+def data_overrides(data: str | os.PathLike) -> dict:
+    """Bundle settings that fit ``data`` when it is a MedMNIST ``.npz`` (else none).
+
+    MedMNIST images are small and fixed-size: train on the whole image (28 or 64 pixels), with
+    patches of 4 pixels at 28 and 8 at 64 (a 7x7 or 8x8 grid), global attention (windows buy
+    nothing on so few tokens) and the image's own channel count.
+    """
+    path = Path(data)
+    if path.suffix != ".npz":
+        return {}
+    import numpy as np
+
+    with np.load(path, mmap_mode="r") as npz:
+        key = "train_images" if "train_images" in npz.files else next(k for k in npz.files if k.endswith("_images"))
+        shape = npz[key].shape[1:]  # (H, W), (H, W, 3) or (D, H, W)
+    size = int(shape[0])
+    rgb = len(shape) == 3 and shape[-1] == 3
+    spatial_dims = 2 if len(shape) == 2 or rgb else 3
+    patch = 4 if size <= 32 else 8 if size <= 64 else 16
+    return {"spatial_dims": spatial_dims, "image_size": size, "patch_size": patch, "window_size": None,
+            "in_channels": 3 if rgb else 1, "samples_per_volume": 1}

@@ -1,0 +1,111 @@
+"""Frozen encoder -> one embedding per image, for any image size (3D volumes are tiled).
+
+A 3D volume larger than the training patch is cut into a grid of ``tile``-sized blocks (zero
+padded at the far edges); each block is embedded and the image's embedding is the average of its
+blocks weighted by their foreground share, so blocks of pure air do not dilute it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.utils import ensure_tuple_rep
+
+from ..models.pooling import pool_tokens
+
+__all__ = ["tiles", "embed_image", "extract_embeddings", "write_embeddings", "load_encoder"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_encoder(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
+    """Load encoder weights (a bare state dict, e.g. a bundle's ``models/model.pt``) into ``network``."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder checkpoint {path} does not exist; pretrain first (medssl pretrain / monai.bundle run)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "network" in state and isinstance(state["network"], dict):  # a full training checkpoint
+        state = {k.split("backbone.", 1)[1]: v for k, v in state["network"].items() if k.startswith("backbone.")}
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this encoder: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         "(was it trained with other size/patch settings?)")
+    return network
+
+
+def tiles(img: torch.Tensor, tile: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, *spatial)`` -> blocks ``(T, C, *tile)`` and their foreground share ``(T,)`` (pixels > 0)."""
+    nd = img.ndim - 1
+    tile = ensure_tuple_rep(tile, nd)
+    pad = [(-s) % t for s, t in zip(img.shape[1:], tile)]
+    img = F.pad(img, [v for p in reversed(pad) for v in (0, p)])
+    c = img.shape[0]
+    blocks = img
+    for axis, t in enumerate(tile):
+        blocks = blocks.unfold(axis + 1, t, t)  # (C, n0, ..., t0, ...)
+    blocks = blocks.permute(*range(1, nd + 1), 0, *range(nd + 1, 2 * nd + 1)).reshape(-1, c, *tile)  # (T, C, *tile)
+    share = (blocks > 0).flatten(1).float().mean(1)
+    return blocks, share
+
+
+@torch.no_grad()
+def embed_image(encoder: torch.nn.Module, img: torch.Tensor, pooling: str = "mean", tile: int | Sequence[int] | None = None,
+                chunk: int = 16) -> torch.Tensor:
+    """Embedding of one image ``(C, *spatial)`` (on the encoder's device): ``(F,)``."""
+    if tile is None:
+        return pool_tokens(encoder(img[None]), pooling, encoder.num_prefix_tokens)[0]
+    blocks, share = tiles(img, tile)
+    out = torch.cat([pool_tokens(encoder(blocks[i:i + chunk]), pooling, encoder.num_prefix_tokens)
+                     for i in range(0, len(blocks), chunk)])  # (T, F)
+    weight = share if share.sum() > 0 else torch.ones_like(share)
+    return (out.float() * weight[:, None]).sum(0) / weight.sum()
+
+
+@torch.no_grad()
+def extract_embeddings(encoder: torch.nn.Module, loader, pooling: str = "mean", tile: int | Sequence[int] | None = None,
+                       device: str | torch.device | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """Embeddings of every image ``loader`` yields: ``embeddings (N, F)``, ``patient (N,)``, ``label (N,)`` if known."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device else next(encoder.parameters()).device
+    encoder = encoder.to(device).eval()
+    feats, patients, labels = [], [], []
+    for batch in tqdm(loader, desc=f"embedding ({pooling})", unit="batch", disable=not progress):
+        images = batch["image"].to(device)
+        for i, img in enumerate(images):
+            feats.append(embed_image(encoder, img, pooling, tile).float().cpu())
+        patients += [str(p) for p in batch.get("patient", [""] * len(images))]
+        if "label" in batch:
+            labels += [int(v) for v in torch.as_tensor(batch["label"]).reshape(len(images), -1)[:, 0]]
+    out = {"embeddings": torch.stack(feats).numpy(), "patient": np.asarray(patients)}
+    if labels and len(labels) == len(feats):
+        out["label"] = np.asarray(labels)
+    return out
+
+
+def write_embeddings(network: torch.nn.Module, dataloader, out_file: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                     pooling: str = "mean", tile: int | Sequence[int] | None = None, device: str | torch.device | None = None,
+                     progress: bool = True) -> Path:
+    """Embed every image of ``dataloader`` and write an ``.npz`` atomically (a bundle's inference ``run``).
+
+    The file holds ``embeddings`` (N, F), ``patient`` (salted hashes, never names), ``label`` when
+    every item has one, and ``pooling``.
+    """
+    if checkpoint is not None:
+        load_encoder(network, checkpoint)
+    result = extract_embeddings(network, dataloader, pooling, tile, device, progress)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".npz", dir=out.parent)
+    os.close(fd)
+    np.savez(tmp, pooling=np.asarray(pooling), **result)
+    os.replace(tmp, out)
+    logger.info("wrote %s (%d embeddings of size %d)", out, *result["embeddings"].shape)
+    return out
