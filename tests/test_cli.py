@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from medssl.cli import main
@@ -15,7 +16,7 @@ from medssl.cli import main
 def test_help_is_fast_and_lists_commands():
     out = subprocess.run([sys.executable, "-c", "import sys, medssl.cli; medssl.cli.main(['--help'])"],
                          capture_output=True, text=True)
-    for cmd in ("scan", "preview", "phantoms", "demo"):
+    for cmd in ("scan", "preview", "phantoms", "demo", "pretrain", "embed"):
         assert cmd in out.stdout
     mods = subprocess.run([sys.executable, "-c", "import sys, medssl.cli; print('monai' in sys.modules, 'torch' in sys.modules)"],
                           capture_output=True, text=True).stdout.split()
@@ -43,8 +44,43 @@ def test_scan_errors_are_clear(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--cases", "2"]) == 0
+    assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--cases", "2", "--epochs", "1"]) == 0
     out = tmp_path / "demo"
     assert (out / "datalist.json").is_file() and (out / "data" / "labels.csv").is_file()
     assert len(list((out / "preview").glob("preview_*.png"))) == 2
-    assert "previews:" in capsys.readouterr().out
+    assert (out / "pretrain" / "models" / "model.pt").is_file()
+    assert (out / "pretrain" / "pictures" / "mae_final.png").is_file()
+    assert json.loads((out / "pretrain" / "run.json").read_text())["bundle"] == "mae_ct_3d"
+    printed = capsys.readouterr().out
+    assert "previews:" in printed and "MAE pictures:" in printed
+
+
+def _tiny_npz(path, spatial_dims=2, n=24):
+    rng = np.random.default_rng(0)
+    shape = (n,) + (28,) * spatial_dims
+    np.savez(path, train_images=rng.integers(0, 255, shape, dtype=np.uint8), train_labels=rng.integers(0, 2, (n, 1)),
+             val_images=rng.integers(0, 255, (8,) + shape[1:], dtype=np.uint8), val_labels=rng.integers(0, 2, (8, 1)))
+    return path
+
+
+@pytest.mark.parametrize("spatial_dims,bundle", [(2, "mae_xray_2d"), (3, "mae_ct_3d")])
+def test_pretrain_resume_and_embed_on_a_medmnist_npz(tmp_path, spatial_dims, bundle):
+    data = _tiny_npz(tmp_path / "tiny.npz", spatial_dims)
+    run = tmp_path / "run"
+    common = ["pretrain", "--bundle", bundle, "--data", str(data), "--out", str(run), "--size", "micro", "--batch-size", "8"]
+    assert main(["-q", *common, "--max-epochs", "1"]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["overrides"]["image_size"] == 28 and record["overrides"]["patch_size"] == 4
+    assert main(["-q", *common, "--max-epochs", "2", "--resume"]) == 0
+    assert (run / "models" / "checkpoint_00000006.pt").is_file()  # 3 steps per epoch, continued to epoch 2
+    out = tmp_path / "emb.npz"
+    assert main(["-q", "embed", "--checkpoint", str(run / "models" / "model.pt"), "--data", str(data), "--out", str(out)]) == 0
+    emb = np.load(out)
+    assert emb["embeddings"].shape == (24, 48) and emb["label"].shape == (24,)
+
+
+def test_pretrain_and_embed_errors(tmp_path, capsys):
+    assert main(["pretrain", "--bundle", "nope", "--out", str(tmp_path)]) == 2
+    assert "no bundle named 'nope'" in capsys.readouterr().err
+    assert main(["pretrain", "--bundle", "mae_ct_3d", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert main(["embed", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path), "--out", str(tmp_path / "e.npz")]) == 2

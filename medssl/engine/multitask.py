@@ -53,6 +53,9 @@ class MultiTask(nn.Module):
         if isinstance(tasks, Task):
             tasks = [tasks]
         if not isinstance(tasks, Mapping):
+            names = [t.name for t in tasks]
+            if len(set(names)) != len(names):
+                raise ValueError(f"tasks share a name ({names}); pass a dict of distinct names to tasks")
             tasks = {t.name: t for t in tasks}
         if not tasks:
             raise ValueError("MultiTask needs at least one task")

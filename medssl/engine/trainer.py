@@ -121,7 +121,7 @@ class PretrainTrainer(SupervisedTrainer):
         loss = out["loss"]
         if not torch.isfinite(loss):
             self._bad_steps += 1
-            logger.warning("iteration %d: non-finite loss %s, step skipped", iteration, float(loss))
+            logger.warning("iteration %d: non-finite loss %s, step skipped", iteration, float(loss.detach()))
             if self._bad_steps > self.max_bad_steps:
                 raise FloatingPointError(f"{self._bad_steps} consecutive non-finite losses (last at iteration {iteration}); "
                                          "lower the learning rate or check the data")

@@ -33,7 +33,10 @@ def load_encoder(network: torch.nn.Module, checkpoint: str | os.PathLike) -> tor
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "network" in state and isinstance(state["network"], dict):  # a full training checkpoint
         state = {k.split("backbone.", 1)[1]: v for k, v in state["network"].items() if k.startswith("backbone.")}
-    missing, unexpected = network.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{path} does not fit this encoder (was it trained with other size/patch settings?): {exc}") from None
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this encoder: missing {missing[:5]}, unexpected {unexpected[:5]} "
                          "(was it trained with other size/patch settings?)")

@@ -111,6 +111,8 @@ class ViT(nn.Module):
     def pos_embed(self, grid: Sequence[int], device: torch.device) -> torch.Tensor:
         """Position embeddings ``(N, D)`` of ``grid`` (cached per grid and device)."""
         key = (tuple(grid), str(device))
+        if torch.jit.is_tracing():  # a cache would make the traced graph depend on call history
+            return sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
         if key not in self._pos_cache:
             self._pos_cache[key] = sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
         return self._pos_cache[key]
@@ -120,6 +122,8 @@ class ViT(nn.Module):
         if self.window_size is None:
             return None
         key = (tuple(grid), str(device))
+        if torch.jit.is_tracing():
+            return WindowLayout(grid, self.window_size).to(device)
         if key not in self._layout_cache:
             self._layout_cache[key] = WindowLayout(grid, self.window_size).to(device)
         return self._layout_cache[key]
@@ -135,8 +139,8 @@ class ViT(nn.Module):
             ``(B, P + N, D)`` in raster order when ``keep`` is None, else ``(B, P + L, D)`` in the
             order of ``keep`` (padding slots are zeros).
         """
+        grid = self.grid_size(x.shape[2:])  # refuses sizes the patch does not divide (conv would crop silently)
         tokens = self.patch_embed(x)  # (B, D, *grid)
-        grid = tuple(tokens.shape[2:])
         b, d = tokens.shape[:2]
         tokens = tokens.flatten(2).transpose(1, 2) + self.pos_embed(grid, tokens.device)  # (B, N, D)
         layout = self.layout(grid, tokens.device)

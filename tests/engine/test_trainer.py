@@ -1,0 +1,156 @@
+"""The pretraining engine: exact resume after a kill, seeded data order, checkpoints, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import Dataset
+from monai.handlers import LrScheduleHandler
+from monai.transforms import Compose, EnsureTyped, RandSpatialCropd
+
+from medssl.engine import (
+    AtomicCheckpointSaver,
+    EpochSampler,
+    MultiTask,
+    PretrainTrainer,
+    ResumeFromLatest,
+    TaskSchedule,
+    WarmupCosine,
+    atomic_save,
+    latest_checkpoint,
+    pretrain_loader,
+    warmup_cosine,
+)
+from medssl.models import ViT
+from medssl.tasks import MAETask, Task
+
+
+def _dataset(n=21):
+    rng = np.random.default_rng(0)
+    data = [{"image": rng.random((1, 24, 24), dtype=np.float32)} for _ in range(n)]
+    return Dataset(data, Compose([RandSpatialCropd(keys="image", roi_size=16, random_size=False),
+                                  EnsureTyped(keys="image", track_meta=False)]))
+
+
+def _run(folder, resume=False, crash_at=None, workers=0, max_epochs=3):
+    torch.manual_seed(0)
+    vit = ViT(2, 1, patch_size=4, size="micro")
+    net = MultiTask([MAETask(vit)])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    loader = pretrain_loader(_dataset(), batch_size=4, seed=1, num_workers=workers)
+    sched = warmup_cosine(opt, total_steps=5 * max_epochs, warmup_steps=3)
+    state = {"network": net, "optimizer": opt, "lr_scheduler": sched}
+    trainer = PretrainTrainer("cpu", max_epochs, loader, net, opt, seed=3, amp=False,
+                              train_handlers=[LrScheduleHandler(sched, print_lr=False, epoch_level=False),
+                                              ResumeFromLatest(folder, state, enabled=resume),
+                                              AtomicCheckpointSaver(folder, state, every=3, encoder=vit)])
+    if crash_at:
+        @trainer.on(Events.ITERATION_STARTED(once=crash_at))
+        def _kill(engine):
+            raise KeyboardInterrupt("killed")
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        pass
+    return net, trainer
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    straight, t1 = _run(tmp_path / "a")
+    _run(tmp_path / "b", crash_at=8)  # killed mid-epoch 2; the last checkpoint is at iteration 6
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint_00000006.pt"
+    resumed, t2 = _run(tmp_path / "b", resume=True, workers=2)  # worker count may change on resume
+    assert t1.state.iteration == t2.state.iteration == 15
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "b" / "model.pt").is_file()
+    encoder = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert torch.equal(encoder["cls_token"], resumed.backbone.cls_token.detach())
+
+
+def test_checkpoints_keep_the_latest_two_and_load_weights_only(tmp_path):
+    _run(tmp_path, max_epochs=2)
+    names = sorted(p.name for p in tmp_path.glob("checkpoint_*.pt"))
+    assert names == ["checkpoint_00000009.pt", "checkpoint_00000010.pt"]
+    state = torch.load(tmp_path / names[-1], weights_only=True)
+    assert state["trainer"]["iteration"] == 10 and {"network", "optimizer", "lr_scheduler"} <= set(state)
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_atomic_save_replaces_and_cleans_up(tmp_path):
+    path = atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
+    atomic_save({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    with pytest.raises(Exception):
+        atomic_save({"f": lambda: 0}, path)  # cannot pickle: the old file must survive
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_epoch_sampler_orders_shards_and_resumes_mid_epoch():
+    s = EpochSampler(10, seed=5)
+    e0, e1 = list(s), list(s)
+    assert [e for e, _ in e0] == [0] * 10 and [e for e, _ in e1] == [1] * 10
+    assert sorted(i for _, i in e0) == list(range(10)) and e0 != e1
+    s.set_position(0, start=4)
+    assert list(s) == e0[4:]
+    shards = [list(EpochSampler(10, seed=5, num_replicas=3, rank=r)) for r in range(3)]
+    assert all(len(x) == 4 for x in shards)
+    assert {i for x in shards for _, i in x} == set(range(10))
+
+
+def test_seeded_items_do_not_depend_on_history():
+    loader = pretrain_loader(_dataset(), batch_size=4, seed=7)
+    ds = loader.dataset
+    a = ds[(2, 5)]["image"]
+    ds[(0, 1)]
+    assert torch.equal(ds[(2, 5)]["image"], a) and not torch.equal(ds[(3, 5)]["image"], a)
+
+
+def test_warmup_cosine_values():
+    f = WarmupCosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert f(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_task_schedule_cycles_and_random_is_reproducible():
+    cyc = TaskSchedule(3)
+    assert [cyc(i) for i in range(1, 8)] == [0, 1, 2, 0, 1, 2, 0]
+    rnd = TaskSchedule(2, "random", weights=[3, 1], seed=4)
+    draws = [rnd(i) for i in range(1, 2001)]
+    assert draws == [TaskSchedule(2, "random", weights=[3, 1], seed=4)(i) for i in range(1, 2001)]
+    assert 0.70 < draws.count(0) / 2000 < 0.80
+    with pytest.raises(ValueError):
+        TaskSchedule(2, "random", weights=[1])
+
+
+class _Exploding(Task):
+    name = "exploding"
+
+    def forward(self, batch):
+        return {"loss": self.backbone(batch["image"]).sum() * float("nan")}
+
+
+def test_non_finite_losses_are_skipped_then_stop_training():
+    vit = ViT(2, 1, patch_size=4, size="micro")
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    opt = torch.optim.AdamW(vit.parameters(), lr=1e-3)
+    trainer = PretrainTrainer("cpu", 5, pretrain_loader(_dataset(), batch_size=4), _Exploding(vit), opt, amp=False, max_bad_steps=3)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.run()
+    assert trainer.state.iteration == 4
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())  # no step was taken
+
+
+def test_multitask_needs_one_shared_backbone():
+    a, b = ViT(2, patch_size=4, size="micro"), ViT(2, patch_size=4, size="micro")
+    with pytest.raises(ValueError, match="share one backbone"):
+        MultiTask({"one": MAETask(a), "two": MAETask(b)})
+    with pytest.raises(ValueError, match="share a name"):
+        MultiTask([MAETask(a), MAETask(a)])
