@@ -4,7 +4,8 @@
 
 - the encoder (the shared backbone) sees only the visible tokens (``ViT.forward(x, keep)``);
 - a light decoder sees the encoded visible tokens plus a mask token at every target position,
-  each with its sinusoidal position embedding, and predicts the target patches' pixels;
+  each with its sinusoidal position embedding, and predicts the target patches' pixels (within
+  the backbone's attention windows when it has them);
 - the loss is the mean squared error on target patches, optionally against per-patch normalised
   pixels (``norm_pix_loss``, the reference default).
 
@@ -41,17 +42,19 @@ class MAETask(Task):
         norm_pix_loss: regress per-patch normalised pixels (sharper features in He et al.).
         background_threshold: intensity at or below which a whole patch counts as background;
             None keeps every token.
+        window_decoder: with a windowed backbone, decode each window on its own (what makes
+            windows pay off at 128^3: a global decoder would attend over every token).
         image_key: batch key of the images ``(B, C, *spatial)``.
     """
 
     def __init__(self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_dim: int | None = None, decoder_depth: int = 2,
                  decoder_heads: int | None = None, norm_pix_loss: bool = True, background_threshold: float | None = None,
-                 image_key: str = "image") -> None:
+                 window_decoder: bool = True, image_key: str = "image") -> None:
         super().__init__(backbone)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        self.background_threshold, self.image_key = background_threshold, image_key
+        self.background_threshold, self.image_key, self.window_decoder = background_threshold, image_key, window_decoder
         dim = decoder_dim or backbone.embed_dim // 2
         heads = decoder_heads or max(1, math.gcd(dim, backbone.num_heads))
         self.patch_size = backbone.patch_size
@@ -83,19 +86,26 @@ class MAETask(Task):
         return pixels, mask, grid
 
     def decode(self, latent: torch.Tensor, mask: TokenMask, grid: tuple[int, ...]) -> torch.Tensor:
-        """Encoder output ``(B, P + Lk, D)`` -> predicted pixels of the targets ``(B, Lt, P)``."""
+        """Encoder output ``(B, P + Lk, D)`` -> predicted pixels of the targets ``(B, Lt, P)``.
+
+        The decoder attends within the backbone's windows (visible and target slots of a window
+        together) when ``window_decoder`` and the backbone has windows, else over all tokens.
+        """
         p = self.backbone.num_prefix_tokens
-        x = self.decoder_embed(latent)  # (B, P + Lk, Dd)
-        b, lk, lt = x.shape[0], mask.keep.shape[1], mask.target.shape[1]
-        slots = torch.cat([mask.keep, mask.target], 1)  # (B, Lk + Lt) raster index, -1 = pad
-        tokens = torch.cat([x[:, p:], self.mask_token.expand(b, lt, -1)], 1)  # (B, Lk + Lt, Dd)
-        tokens = tokens + self._decoder_pos(grid, x.device)[slots.clamp(min=0)]
-        x = torch.cat([x[:, :p], tokens], 1)
-        valid = torch.cat([slots.new_ones(b, p, dtype=torch.bool), slots >= 0], 1)
+        layout = self.backbone.layout(grid, latent.device) if self.window_decoder else None
+        nw = 1 if layout is None else layout.n_windows
+        x = self.decoder_embed(latent[:, p:])  # (B, Lk, Dd); the CLS token is not needed to predict pixels
+        b, dim = x.shape[0], x.shape[-1]
+        k, t = mask.keep.shape[1] // nw, mask.target.shape[1] // nw
+        slots = torch.cat([mask.keep.view(b, nw, k), mask.target.view(b, nw, t)], 2)  # (B, nW, k + t), -1 = pad
+        tokens = torch.cat([x.view(b, nw, k, dim), self.mask_token.expand(b, nw, t, dim)], 2)  # (B, nW, k + t, Dd)
+        tokens = (tokens + self._decoder_pos(grid, x.device)[slots.clamp(min=0)]).view(b * nw, k + t, dim)
+        valid = (slots >= 0).view(b * nw, k + t)
         attn_mask = None if bool(valid.all()) else key_padding_mask(valid)
         for blk in self.decoder_blocks:
-            x = blk(x, attn_mask)
-        return self.decoder_pred(self.decoder_norm(x[:, p + lk:]))  # (B, Lt, P)
+            tokens = blk(tokens, attn_mask)
+        pred = self.decoder_pred(self.decoder_norm(tokens))  # (B * nW, k + t, P)
+        return pred.view(b, nw, k + t, -1)[:, :, k:].reshape(b, nw * t, -1)  # (B, Lt, P) in target order
 
     def targets(self, pixels: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Target pixels at ``index`` ``(B, Lt, P)`` (normalised if ``norm_pix_loss``) and their mean and std."""

@@ -7,7 +7,8 @@ image, and only the whole batch knows how far to pad.
 Per window (one window of all tokens for a global-attention backbone), with ``F`` foreground
 tokens, ``floor(F * (1 - ratio))`` random foreground tokens stay visible and the other foreground
 tokens become reconstruction targets. Background tokens are neither shown nor predicted. Every
-window gets the same number of *slots* (padded with -1), so visible tokens still group by window;
+window gets the same number of visible and of target *slots* (padded with -1), so visible tokens
+still group by window for the encoder, and visible plus target tokens for a windowed decoder;
 with no background each window has exactly ``floor(T * (1 - ratio))`` visible tokens, as in
 uniform masking (Li et al., 2022, arXiv:2205.10063).
 """
@@ -25,8 +26,9 @@ __all__ = ["TokenMask", "sample_mask", "patch_foreground"]
 
 @dataclass
 class TokenMask:
-    """``keep``: ``(B, Lk)`` raster indices shown to the encoder; ``target``: ``(B, Lt)`` indices to
-    reconstruct. -1 marks a padding slot in both."""
+    """``keep``: ``(B, nW * k)`` raster indices shown to the encoder; ``target``: ``(B, nW * t)``
+    indices to reconstruct. Both are grouped window by window (``nW = 1`` without windows); -1
+    marks a padding slot."""
 
     keep: torch.Tensor
     target: torch.Tensor
@@ -37,13 +39,6 @@ def patch_foreground(patches: torch.Tensor, threshold: float | None) -> torch.Te
     if threshold is None:
         return torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
     return patches.amax(-1) > threshold
-
-
-def _compact(index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Move valid entries of each row to the front (order kept), cut to the longest row, pad with -1."""
-    length = max(int(valid.sum(1).max()), 1)
-    order = (~valid).to(torch.int8).argsort(dim=1, stable=True)[:, :length]
-    return torch.where(valid.gather(1, order), index.gather(1, order), -1)
 
 
 def sample_mask(foreground: torch.Tensor, ratio: float, layout: WindowLayout | None = None,
@@ -61,16 +56,18 @@ def sample_mask(foreground: torch.Tensor, ratio: float, layout: WindowLayout | N
     device = foreground.device
     order = torch.arange(n, device=device) if layout is None else layout.order.to(device)  # slot -> raster (-1 pad)
     nw = 1 if layout is None else layout.n_windows
-    t = order.numel() // nw
-    slot_fg = (foreground[:, order.clamp(min=0)] & (order >= 0)).view(b, nw, t)  # (B, nW, T)
-    noise = torch.rand(b, nw, t, device=device, generator=generator).masked_fill(~slot_fg, 2.0)
+    t_total = order.numel() // nw
+    slot_fg = (foreground[:, order.clamp(min=0)] & (order >= 0)).view(b, nw, t_total)  # (B, nW, T)
+    noise = torch.rand(b, nw, t_total, device=device, generator=generator).masked_fill(~slot_fg, 2.0)
     rank = noise.argsort(-1)  # (B, nW, T): foreground first, in random order
     n_fg = slot_fg.sum(-1, keepdim=True)  # (B, nW, 1)
     n_keep = torch.floor(n_fg * (1.0 - ratio) + 1e-6).long()  # (B, nW, 1)
     k = max(int(n_keep.max()), 1)  # slots per window: the most any window needs
-    raster = order.view(nw, t).expand(b, -1, -1).gather(2, rank)  # (B, nW, T) raster index in rank order
-    pos = torch.arange(t, device=device)
+    raster = order.view(nw, t_total).expand(b, -1, -1).gather(2, rank)  # (B, nW, T) raster index in rank order
+    pos = torch.arange(t_total, device=device)
     keep = torch.where(pos[:k] < n_keep, raster[..., :k], -1).reshape(b, nw * k)  # (B, nW * k)
-    is_target = (pos >= n_keep) & (pos < n_fg)  # (B, nW, T)
-    target = _compact(raster.reshape(b, -1), is_target.reshape(b, -1))  # (B, Lt)
+    n_target = n_fg - n_keep  # (B, nW, 1)
+    t = max(int(n_target.max()), 1)
+    index = (n_keep + pos[:t]).clamp(max=t_total - 1)  # (B, nW, t): rank positions after the visible ones
+    target = torch.where(pos[:t] < n_target, raster.gather(2, index), -1).reshape(b, nw * t)
     return TokenMask(keep=keep, target=target)

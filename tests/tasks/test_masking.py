@@ -27,10 +27,11 @@ def test_without_background_every_window_shows_the_same_share(grid, window):
     if layout is None:
         assert mask.keep.shape == (3, int(n * 0.25)) and (mask.keep >= 0).all()
     else:
-        per_window = layout.window_of[mask.keep.clamp(min=0)].view(3, layout.n_windows, -1)
         expected = torch.arange(layout.n_windows)[None, :, None]
-        valid = (mask.keep >= 0).view(3, layout.n_windows, -1)
-        assert ((per_window == expected) | ~valid).all()  # slots grouped window by window
+        for slots in (mask.target, mask.keep):  # both grouped window by window (the decoder windows too)
+            per_window = layout.window_of[slots.clamp(min=0)].view(3, layout.n_windows, -1)
+            valid = (slots >= 0).view(3, layout.n_windows, -1)
+            assert ((per_window == expected) | ~valid).all()
         if not layout.padded:  # full windows: exactly floor(T / 4) visible in each
             assert valid.sum(-1).eq(layout.tokens_per_window // 4).all()
 
