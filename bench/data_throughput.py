@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MARK = "<!-- data_throughput -->"
+from report import write_block
+
 
 
 def _pipelines(kind: str, patch: int, samples: int):
@@ -119,16 +120,7 @@ def main() -> None:
     text = "\n".join(table)
     print("\n" + text)
     if args.markdown:
-        path = Path(args.markdown)
-        doc = path.read_text() if path.exists() else ""
-        block = f"{MARK}\nCommand: `python bench/data_throughput.py --markdown {args.markdown}`\n\n{text}\n{MARK}"
-        if doc.count(MARK) == 2:
-            head, _, rest = doc.partition(MARK)
-            _, _, tail = rest.partition(MARK)
-            doc = head + block + tail
-        else:
-            doc += "\n" + block + "\n"
-        path.write_text(doc)
+        write_block(args.markdown, "data_throughput", f"python bench/data_throughput.py --markdown {args.markdown}", text)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from monai.networks.layers import Conv
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from .blocks import Block, key_padding_mask
+from .blocks import Block, key_padding_mask, run_windows
 from .pooling import pool_tokens
 from .position import sincos_position_embedding
 from .windows import WindowLayout
@@ -178,13 +178,15 @@ class ViT(nn.Module):
         if n % nw:
             raise ValueError(f"{n} token slots do not split into {nw} windows")
         t = n // nw
-        window_mask = key_padding_mask(None if valid is None else valid.reshape(b * nw, t))
+        rows = None if valid is None else valid.reshape(b * nw, t)
+        busy = None if rows is None or bool(rows.any(1).all()) else rows.any(1).nonzero().squeeze(1)  # non-empty windows
+        window_mask = key_padding_mask(rows if busy is None else rows[busy])
         for blk, is_global in zip(self.blocks, self.global_blocks):
             if is_global:
                 x = blk(torch.cat([prefix, tokens], 1), global_mask)
                 prefix, tokens = x[:, :p], x[:, p:]
             else:
-                tokens = blk(tokens.reshape(b * nw, t, d), window_mask).reshape(b, n, d)  # (B * nW, T, D) inside
+                tokens = run_windows(blk, tokens.reshape(b * nw, t, d), window_mask, busy).reshape(b, n, d)
                 if p:
                     prefix = blk(prefix)  # the CLS token is a window of its own
         return torch.cat([prefix, tokens], 1)
