@@ -63,7 +63,7 @@ def _state(obj):
 
 
 class AtomicCheckpointSaver:
-    """Save ``save_dict`` (plus the engine's counters) every ``every`` iterations, each epoch end and at the end.
+    """Save ``save_dict`` (plus the engine's counters) every ``every`` iterations and at the end.
 
     Files are ``checkpoint_<iteration>.pt`` (the ``keep`` most recent are kept). With ``encoder``,
     its weights alone are also written to ``encoder_file`` (a bundle's ``models/model.pt``) each
@@ -81,7 +81,6 @@ class AtomicCheckpointSaver:
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine) -> None:
