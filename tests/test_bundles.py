@@ -27,7 +27,8 @@ def test_bundles_are_found():
 @pytest.mark.parametrize("name", BUNDLES)
 def test_bundle_layout_and_metadata(name):
     root = bundle_root(name)
-    for f in ("configs/metadata.json", "configs/train.yaml", "configs/inference.yaml", "docs/README.md", "LICENSE"):
+    for f in ("configs/metadata.json", "configs/train.yaml", "configs/multi_gpu_train.yaml", "configs/inference.yaml",
+              "docs/README.md", "LICENSE"):
         assert (root / f).is_file(), f
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert check_metadata(meta) == []
