@@ -1,9 +1,11 @@
 """Pretraining speed and memory: medssl's MAE against MONAI's MaskedAutoEncoderViT, and windows at 128^3.
 
-Part 1, same size for both (embed 192, depth 6, heads 6, MLP 768, decoder 96 wide / 2 blocks /
+Part 1, same size for all (embed 192, depth 6, heads 6, MLP 768, decoder 96 wide / 2 blocks /
 6 heads, mask ratio 0.75, global attention, MSE on masked patches, AdamW), timed in one process,
 alternating model by model round by round so both see the same machine state:
-2D 28x28 patch 4 batch 128; 3D 28^3 patch 4 batch 32; 3D 64^3 patch 8 batch 16.
+2D 28x28 patch 4 batch 128; 3D 28^3 patch 4 batch 32; 3D 64^3 patch 8 batch 16. MONAI runs twice:
+in bf16 autocast like ours (with a one-line fix, see ``MonaiMAE``) and in fp32 as shipped, since
+its forward fails under autocast.
 
 Part 2, medssl only, 3D 128^3 patch 8 (4096 tokens): global attention vs ViTDet windows (4^3
 tokens, global every 3rd block; the decoder attends within windows), on random data and on CT
@@ -43,10 +45,10 @@ CONFIGS = {  # name: spatial_dims, image size, patch, batch
 BIG = (3, 128, 8, 2)  # 128^3, patch 8, batch 2
 
 
-def _autocast():
+def _autocast(amp: bool = True):
     from medssl.engine.trainer import autocast_dtype
 
-    dtype = autocast_dtype("cpu", "auto")
+    dtype = autocast_dtype("cpu", "auto") if amp else None
     return torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None), dtype
 
 
@@ -77,8 +79,10 @@ class MonaiMAE(torch.nn.Module):
 
 def build(kind: str, dims: int, size: int, patch: int, window: bool = False, background: bool = False):
     torch.manual_seed(0)
-    if kind == "monai":
-        return MonaiMAE(dims, size, patch)
+    if kind.startswith("monai"):
+        model = MonaiMAE(dims, size, patch)
+        model.amp = kind == "monai"  # "monai fp32": as shipped, since its forward fails under autocast
+        return model
     from medssl.models import ViT
     from medssl.tasks import MAETask
 
@@ -103,7 +107,7 @@ def batch_for(dims: int, size: int, n: int, ct: bool = False) -> dict:
 
 def step_fn(model, batch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ctx, _ = _autocast()
+    ctx, _ = _autocast(getattr(model, "amp", True))
 
     def step():
         with ctx:
@@ -121,7 +125,7 @@ def flops_per_step(model, batch) -> float:
 
     from medssl.models import blocks
 
-    ctx, _ = _autocast()
+    ctx, _ = _autocast(getattr(model, "amp", True))
     counter = FlopCounterMode(display=False)
     short, blocks.CPU_SHORT_TOKENS = blocks.CPU_SHORT_TOKENS, 1 << 30
     try:
@@ -206,7 +210,7 @@ def main() -> None:
 
     rows = []
     for name, (dims, size, patch, n) in CONFIGS.items():
-        models = {"medssl": build("medssl", dims, size, patch), "monai": build("monai", dims, size, patch)}
+        models = {k: build(k, dims, size, patch) for k in ("medssl", "monai", "monai fp32")}
         batch = batch_for(dims, size, n)
         speed = alternate(models, batch, args.rounds, args.steps)
         for kind in models:
@@ -214,17 +218,17 @@ def main() -> None:
             mem = probe([kind, dims, size, patch, n, False, False, False])
             mfu = flops * speed[kind] / n / (peak * 1e9)
             rows.append((name, n, kind, speed[kind], flops / n / 1e9, mfu, mem))
-            print(f"{name:9} {kind:7} {speed[kind]:8.1f} samples/s  {flops / n / 1e9:6.2f} GFLOP/sample  MFU {mfu:5.1%}  "
+            print(f"{name:9} {kind:10} {speed[kind]:8.1f} samples/s  {flops / n / 1e9:6.2f} GFLOP/sample  MFU {mfu:5.1%}  "
                   f"peak {mem:7.0f} MB", flush=True)
     table = [f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, autocast {precision}; "
              f"measured {precision} 2048^2 matmul peak {peak:.0f} GFLOP/s (the MFU denominator). "
              f"Median of {args.rounds} rounds x {args.steps} steps, models alternating.", "",
-             "| config | batch | model | samples/s | GFLOP/sample (fwd+bwd) | MFU | peak memory (MB) | medssl / MONAI speed | medssl / MONAI memory |",
+             "| config | batch | model | samples/s | GFLOP/sample (fwd+bwd) | MFU | peak memory (MB) | medssl / this speed | medssl / this memory |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for i in range(0, len(rows), 2):
-        ours, theirs = rows[i], rows[i + 1]
-        for r in (ours, theirs):
-            ratio = f"{ours[3] / theirs[3]:.2f}x | {ours[6] / theirs[6]:.2f}x" if r is ours else " | "
+    for i in range(0, len(rows), 3):
+        ours = rows[i]
+        for r in rows[i:i + 3]:
+            ratio = " | " if r is ours else f"{ours[3] / r[3]:.2f}x | {ours[6] / r[6]:.2f}x"
             table.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.1%} | {r[6]:.0f} | {ratio} |")
 
     if not args.skip_big:
