@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import write_block
+from report import publish
 
 
 
@@ -117,10 +117,7 @@ def main() -> None:
         table.append(f"\n{fmt}: medssl cached / uncached = {get[('medssl', 'memory')] / get[('medssl', 'none')]:.1f}x; "
                      f"medssl / plain MONAI uncached = {get[('medssl', 'none')] / get[('monai', 'none')]:.2f}x, "
                      f"cached = {get[('medssl', 'memory')] / get[('monai', 'memory')]:.2f}x")
-    text = "\n".join(table)
-    print("\n" + text)
-    if args.markdown:
-        write_block(args.markdown, "data_throughput", f"python bench/data_throughput.py --markdown {args.markdown}", text)
+    publish("\n".join(table), "data_throughput", args.markdown)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from report import write_block
+from report import publish
 
 warnings.filterwarnings("ignore")
 
@@ -256,10 +256,7 @@ def main() -> None:
         for k, s, g, m, mem in big:
             ref = base["global attention, CT phantom" if "CT" in k else "global attention"]
             table.append(f"| {k} | {s:.2f} | {g:.1f} | {m:.1%} | {mem:.0f} | {s / ref:.2f}x |")
-    text = "\n".join(table)
-    print("\n" + text)
-    if args.markdown:
-        write_block(args.markdown, "pretrain_throughput", f"python bench/pretrain_throughput.py --markdown {args.markdown}", text)
+    publish("\n".join(table), "pretrain_throughput", args.markdown)
 
 
 if __name__ == "__main__":

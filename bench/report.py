@@ -5,6 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def publish(text: str, name: str, markdown: str | None) -> None:
+    """Print a benchmark's ``text`` and, with ``markdown``, write it into that file with its command."""
+    print("\n" + text)
+    if markdown:
+        write_block(markdown, name, f"python bench/{name}.py --markdown {markdown}", text)
+
+
 def write_block(path: str | Path, name: str, command: str, text: str) -> None:
     """Replace the block between ``<!-- name -->`` markers in ``path`` (append it if absent)."""
     mark = f"<!-- {name} -->"
