@@ -1,5 +1,15 @@
-"""Evaluation of encoders: frozen features (and, next, probes, kNN, fine-tuning and baselines)."""
+"""Evaluation of encoders: frozen features, probes, kNN and the metrics they report.
+
+Built so far: embeddings (``features``), the linear probe, weighted kNN, stratified label
+fractions and the metrics. The full protocol (fine-tuning, baselines, ``medssl evaluate``) is
+issue #4's remaining work.
+"""
 
 from .features import embed_image, extract_embeddings, load_encoder, tiles, write_embeddings
+from .fractions import stratified_subset
+from .knn import knn_scores
+from .metrics import METRICS, classification_metrics
+from .probe import linear_probe_scores
 
-__all__ = ["tiles", "embed_image", "extract_embeddings", "write_embeddings", "load_encoder"]
+__all__ = ["tiles", "embed_image", "extract_embeddings", "write_embeddings", "load_encoder", "stratified_subset",
+           "knn_scores", "linear_probe_scores", "classification_metrics", "METRICS"]
