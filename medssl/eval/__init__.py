@@ -1,8 +1,9 @@
 """Evaluation of encoders: frozen features, probes, kNN and the metrics they report.
 
 Built so far: embeddings (``features``), the linear probe, weighted kNN, stratified label
-fractions and the metrics. The full protocol (fine-tuning, baselines, ``medssl evaluate``) is
-issue #4's remaining work.
+fractions, the metrics, and supervised training (fine-tuning with layer-wise LR decay and early
+stopping; the same loop trains the from-scratch baselines). The plan over methods x fractions x
+seeds, its reports and ``medssl evaluate`` / ``benchmark`` are issue #4's remaining work.
 """
 
 from .features import embed_image, extract_embeddings, load_encoder, tiles, write_embeddings
@@ -10,6 +11,8 @@ from .fractions import stratified_subset
 from .knn import knn_scores
 from .metrics import METRICS, classification_metrics
 from .probe import linear_probe_scores
+from .supervised import Classifier, layer_decay_groups, predict_scores, train_classifier
 
 __all__ = ["tiles", "embed_image", "extract_embeddings", "write_embeddings", "load_encoder", "stratified_subset",
-           "knn_scores", "linear_probe_scores", "classification_metrics", "METRICS"]
+           "knn_scores", "linear_probe_scores", "classification_metrics", "METRICS", "Classifier", "layer_decay_groups",
+           "predict_scores", "train_classifier"]
