@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["bundle_root", "list_bundles", "check_metadata", "run_bundle", "data_overrides", "REQUIRED_METADATA",
+__all__ = ["bundle_root", "list_bundles", "check_metadata", "run_bundle", "data_overrides", "bundle_parser", "REQUIRED_METADATA",
            "REQUIRED_TENSOR_KEYS"]
 
 # The mandatory keys of the MONAI Bundle specification (docs.monai.io, mb_specification).
@@ -93,3 +93,16 @@ def data_overrides(data: str | os.PathLike) -> dict:
     patch = 4 if size <= 32 else 8 if size <= 64 else 16
     return {"spatial_dims": spatial_dims, "image_size": size, "patch_size": patch, "window_size": None,
             "in_channels": 3 if rgb else 1, "samples_per_volume": 1}
+
+
+def bundle_parser(name: str | os.PathLike, overrides: Mapping | None = None, config: str = "train"):
+    """A MONAI ``ConfigParser`` of bundle ``name`` with ``overrides`` applied (nothing instantiated yet).
+
+    ``bundle_parser(b, o).get_parsed_content("network_def")`` rebuilds the encoder a run trained.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root(name) / "configs" / f"{config}.yaml"))
+    parser.update(dict(overrides or {}))
+    return parser

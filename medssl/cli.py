@@ -124,6 +124,71 @@ def _embed(args) -> int:
     return 0
 
 
+def _run_record(ckpt: Path, bundle: str | None) -> tuple[str, dict]:
+    """The bundle and settings a checkpoint was trained with (``RUN/run.json`` beside ``RUN/models/``)."""
+    import json
+
+    record = ckpt.parent.parent / "run.json"
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    bundle = bundle or saved.get("bundle")
+    if bundle is None:
+        raise ValueError(f"no {record} next to the checkpoint (written by `medssl pretrain`); say which bundle made it with --bundle")
+    keep = {k: v for k, v in saved.get("overrides", {}).items() if k not in ("dataset_dir", "max_epochs", "batch_size", "seed")}
+    return bundle, keep
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: str | None = None, plan=None,
+             progress: bool = True) -> list[Path]:
+    """Evaluate an encoder checkpoint on labelled ``data`` (see :mod:`medssl.eval.protocol`); returns the report files."""
+    from .bundles import bundle_parser
+    from .eval.features import load_encoder
+    from .eval.labelled import load_labelled
+    from .eval.protocol import EvalPlan, run_evaluation, write_reports
+
+    ckpt = Path(checkpoint).resolve()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    name, settings = _run_record(ckpt, bundle)
+    parser = bundle_parser(name, settings)
+    get = parser.get_parsed_content
+    splits = load_labelled(data, spatial_dims=get("spatial_dims"), size=get("image_size"), channels=get("in_channels"),
+                           ct_windows=get("ct_window"))
+
+    def make_encoder(pretrained: bool):
+        net = get("network_def", lazy=False)
+        return load_encoder(net, ckpt) if pretrained else net
+
+    result = run_evaluation(make_encoder, splits, plan or EvalPlan(), progress=progress)
+    result.update(checkpoint=str(ckpt), data=str(Path(data).resolve()), bundle=name)
+    return write_reports(result, out, title=f"{name} on {Path(data).name}")
+
+
+def _plan(args):
+    from .eval.protocol import EvalPlan
+
+    split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
+    return EvalPlan(fractions=tuple(float(v) for v in split(args.fractions)), seeds=args.seeds, methods=split(args.methods),
+                    baselines=split(args.baselines), poolings=split(args.poolings), epochs=args.epochs)
+
+
+def _evaluate(args) -> int:
+    files = evaluate(args.checkpoint, args.data, args.out, args.bundle, _plan(args), progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text())
+    print("\n".join(f"wrote {f}" for f in files))
+    return 0
+
+
+def _benchmark(args) -> int:
+    """Pretrain on the training images without their labels, then evaluate: does pretraining help here?"""
+    out = Path(args.out).resolve()
+    overrides = _pretrain_overrides(args)
+    run = pretrain(args.bundle, out / "pretrain", overrides)
+    files = evaluate(run / "models" / "model.pt", args.data, out / "evaluation", args.bundle, _plan(args), progress=not args.quiet)
+    print((out / "evaluation" / "results.md").read_text())
+    print("\n".join(f"wrote {f}" for f in files))
+    return 0
+
+
 def _demo(args) -> int:
     """The README's main job on the embedded data: phantoms -> scan -> preview -> 3D MAE pretraining."""
     from .data.scan import scan_folder, write_datalist
@@ -198,6 +263,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_embed)
+
+    def plan_flags(p):
+        p.add_argument("--fractions", default="0.01,0.1,1", help="label fractions (default 0.01,0.1,1)")
+        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--methods", default="probe,knn,finetune")
+        p.add_argument("--baselines", default="scratch,resnet18,pixels", help="comma list; empty string for none")
+        p.add_argument("--poolings", default="cls,mean,flatten")
+        p.add_argument("--epochs", type=int, default=30, help="fine-tuning / from-scratch epochs (early stopping)")
+
+    p = sub.add_parser("evaluate", help="linear probe, kNN and fine-tuning at several label fractions, with baselines")
+    p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")
+    p.add_argument("--data", required=True, help="MedMNIST .npz, or CSV with image,label[,split][,modality]")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png")
+    p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
+    plan_flags(p)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("benchmark", help="pretrain on the images without labels, then evaluate against baselines")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True, help="MedMNIST .npz, or CSV with image,label[,split][,modality]")
+    p.add_argument("--out", required=True, help="pretrain/ and evaluation/ go here")
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--size", choices=("micro", "tiny", "small", "base"))
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    plan_flags(p)
+    p.set_defaults(func=_benchmark)
 
     p = sub.add_parser("demo", help="main job on the embedded data: phantoms, scan, preview, 3D MAE pretraining")
     p.add_argument("--out", default="demo_out")

@@ -64,8 +64,24 @@ def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict]:
     return entries
 
 
+def _load_table(path: str) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "image" not in rows[0]:
+        raise ValueError(f"{path}: a CSV source needs an 'image' column")
+    base = Path(path).parent
+    return [{"image": str(_resolve(r["image"], base)), "modality": r.get("modality") or "OT",
+             **({"label": int(r["label"])} if r.get("label", "") != "" else {}),
+             **({"split": r["split"]} if r.get("split") else {})} for r in rows]
+
+
 def load_source(source, spatial_dims: int | None = None, split: str = "train", salt: str | None = None) -> list[dict]:
-    """Entries from a datalist ``.json``, a MedMNIST ``.npz``, a folder (scanned now) or a list.
+    """Entries from a datalist ``.json``, a MedMNIST ``.npz``, a folder (scanned now), a CSV or a list.
+
+    A CSV needs an ``image`` column (paths relative to the CSV) and may have ``modality``,
+    ``label`` and ``split``; pretraining uses its images only.
 
     Args:
         spatial_dims: keep only entries of this dimensionality (``None`` keeps all).
@@ -85,6 +101,8 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
             entries = load_medmnist(path, split=split)
         elif path.endswith(".json"):
             entries = load_datalist(path)
+        elif path.endswith(".csv"):
+            entries = _load_table(path)
         elif not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist")
         else:

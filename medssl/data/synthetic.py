@@ -188,6 +188,13 @@ def make_phantoms(out: str | os.PathLike, n_cases: int = 8, seed: int = 0, shape
         writer = csv.DictWriter(f, fieldnames=["case", "lesion", "lesion_mm"])
         writer.writeheader()
         writer.writerows(rows)
+    # ready-made labelled tables for `medssl evaluate` / `benchmark` (label: lesion present)
+    for fmt, name, rel, modality in (("nifti", "labels_ct.csv", "ct_nifti/{}.nii.gz", "CT"), ("xray", "labels_xray.csv", "xray/{}.png", "XR")):
+        if fmt in formats:
+            with open(out / name, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["image", "label", "modality"])
+                writer.writeheader()
+                writer.writerows({"image": rel.format(r["case"]), "label": r["lesion"], "modality": modality} for r in rows)
     return out
 
 

@@ -67,7 +67,7 @@ class PretrainTrainer(SupervisedTrainer):
         amp: ``"auto"`` (see :func:`autocast_dtype`), True/False, ``"bf16"`` or ``"fp16"``.
         clip_grad_norm: max gradient norm (None: no clipping).
         seed: seeds every step from ``(seed, iteration, rank)`` so a resumed run replays exactly.
-        max_bad_steps: consecutive non-finite losses tolerated (skipped) before training stops.
+        max_bad_steps: consecutive non-finite losses or gradients tolerated (steps skipped) before training stops.
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader, network, optimizer,
@@ -108,6 +108,16 @@ class PretrainTrainer(SupervisedTrainer):
         sampler.set_position(engine.state.epoch - 1, done_in_epoch * self.data_loader.batch_size)
 
     # -- one step -------------------------------------------------------------------------
+    def _bad_step(self, iteration: int, what: str) -> dict[str, float]:
+        """Skip this step (no update); stop after ``max_bad_steps`` in a row."""
+        self._bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        logger.warning("iteration %d: %s, step skipped", iteration, what)
+        if self._bad_steps > self.max_bad_steps:
+            raise FloatingPointError(f"{self._bad_steps} consecutive non-finite steps (last at iteration {iteration}: {what}); "
+                                     "lower the learning rate or check the data")
+        return {"loss": float("nan")}
+
     def _iteration(self, engine, batchdata: dict) -> dict[str, float]:
         device = engine.state.device
         batch = {k: v.to(device, non_blocking=engine.non_blocking) if isinstance(v, torch.Tensor) else v
@@ -120,24 +130,21 @@ class PretrainTrainer(SupervisedTrainer):
             out = engine.network(batch, iteration)
         loss = out["loss"]
         if not torch.isfinite(loss):
-            self._bad_steps += 1
-            logger.warning("iteration %d: non-finite loss %s, step skipped", iteration, float(loss.detach()))
-            if self._bad_steps > self.max_bad_steps:
-                raise FloatingPointError(f"{self._bad_steps} consecutive non-finite losses (last at iteration {iteration}); "
-                                         "lower the learning rate or check the data")
-            return {"loss": float("nan")}
-        self._bad_steps = 0
+            return self._bad_step(iteration, f"non-finite loss {float(loss.detach())}")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(engine.optimizer)
         else:
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.clip_grad_norm or float("inf"))
+        if not torch.isfinite(grad_norm) and self.scaler is None:  # a finite loss can still have NaN/inf gradients
+            return self._bad_step(iteration, f"non-finite gradient norm {float(grad_norm)}")
         if self.scaler is not None:
             self.scaler.step(engine.optimizer)
             self.scaler.update()
         else:
             engine.optimizer.step()
+        self._bad_steps = 0
         result = {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
         result["grad_norm"] = float(grad_norm)
         result["lr"] = engine.optimizer.param_groups[0]["lr"]

@@ -1,9 +1,8 @@
 """Evaluation of encoders: frozen features, probes, kNN and the metrics they report.
 
-Built so far: embeddings (``features``), the linear probe, weighted kNN, stratified label
-fractions, the metrics, and supervised training (fine-tuning with layer-wise LR decay and early
-stopping; the same loop trains the from-scratch baselines). The plan over methods x fractions x
-seeds, its reports and ``medssl evaluate`` / ``benchmark`` are issue #4's remaining work.
+Embeddings (``features``), the linear probe, weighted kNN, stratified label fractions, the
+metrics, supervised training (fine-tuning and the from-scratch baselines), labelled data, and
+the protocol that runs them all on the same subsets (``protocol``; ``medssl evaluate``).
 """
 
 from .features import embed_image, extract_embeddings, load_encoder, tiles, write_embeddings

@@ -105,12 +105,14 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
             idx = order[i:i + batch_size]
+            if len(idx) < 2 < len(order):
+                continue  # a last batch of one would break batch norm (ResNet baseline)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = loss_fn(model(train_x[idx].to(device)).float(), train_y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-            opt.step()
+            if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)):
+                opt.step()  # a non-finite gradient (bf16 overflow) skips the update instead of poisoning the weights
             step += 1
         metrics = classification_metrics(stop_y.numpy(), predict_scores(model, stop_x))
         history.append(metrics)

@@ -33,7 +33,7 @@ def test_phantom_folder_scans_to_one_entry_per_series_and_image(phantoms):
         assert e["spatial_dims"] == 3 and e["shape"] == [40, 36, 20] and e["spacing"] == [8.0, 8.0, 10.0]
         z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in e["image"]]
         assert z == sorted(z)  # ordered by position along the slice normal
-    assert result.skipped == [] and result.documents == 1  # labels.csv
+    assert result.skipped == [] and result.documents == 3  # labels.csv, labels_ct.csv, labels_xray.csv
 
 
 def test_datalist_never_holds_patient_names_or_ids(phantoms, tmp_path):

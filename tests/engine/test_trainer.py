@@ -137,11 +137,20 @@ class _Exploding(Task):
         return {"loss": self.backbone(batch["image"]).sum() * float("nan")}
 
 
-def test_non_finite_losses_are_skipped_then_stop_training():
+class _NanGradient(Task):
+    name = "nan_gradient"
+
+    def forward(self, batch):
+        z = self.backbone(batch["image"]).sum() * 0
+        return {"loss": torch.sqrt(z - z)}  # loss 0, gradient of sqrt at 0 is inf -> NaN
+
+
+@pytest.mark.parametrize("task", [_Exploding, _NanGradient])
+def test_non_finite_losses_and_gradients_are_skipped_then_stop_training(task):
     vit = ViT(2, 1, patch_size=4, size="micro")
     before = {k: v.clone() for k, v in vit.state_dict().items()}
     opt = torch.optim.AdamW(vit.parameters(), lr=1e-3)
-    trainer = PretrainTrainer("cpu", 5, pretrain_loader(_dataset(), batch_size=4), _Exploding(vit), opt, amp=False, max_bad_steps=3)
+    trainer = PretrainTrainer("cpu", 5, pretrain_loader(_dataset(), batch_size=4), task(vit), opt, amp=False, max_bad_steps=3)
     with pytest.raises(FloatingPointError, match="non-finite"):
         trainer.run()
     assert trainer.state.iteration == 4

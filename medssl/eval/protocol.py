@@ -1,0 +1,208 @@
+"""The evaluation protocol: methods x poolings x label fractions x seeds, baselines in the same run.
+
+For every seed and label fraction the same stratified training subset (every class present) is
+given to every method, so each row of the final table compares like with like:
+
+- ``probe`` / ``knn`` on frozen features of the pretrained encoder, per pooling (features are
+  computed once per pooling);
+- ``finetune``: the pretrained encoder and a linear head trained end to end (layer-wise LR decay);
+- baselines: ``scratch`` (the same ViT, random init, same loop), ``resnet18`` (MONAI, 2D or 3D),
+  ``pixels`` (the linear probe on raw pixels).
+
+Results are reported on the ``test`` split when the data has one, else on ``val``. Nothing is
+tuned on the reported split: the probe's C comes from cross-validation on the training subset, and
+early stopping uses ``val`` when a test split exists, else a stratified 20 % of the training subset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .fractions import stratified_subset
+from .knn import knn_scores
+from .metrics import METRICS, classification_metrics
+from .probe import linear_probe_scores
+from .supervised import Classifier, predict_scores, train_classifier
+
+__all__ = ["EvalPlan", "run_evaluation", "aggregate", "write_reports"]
+
+FROZEN = ("probe", "knn")
+TRAINED = ("finetune", "scratch", "resnet18")
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to run. Defaults follow issue #4 (1/10/100 % labels, 3 seeds, k=20)."""
+
+    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    seeds: int = 3
+    methods: tuple[str, ...] = ("probe", "knn", "finetune")
+    baselines: tuple[str, ...] = ("scratch", "resnet18", "pixels")
+    poolings: tuple[str, ...] = ("cls", "mean", "flatten")
+    k: int = 20
+    finetune_pooling: str = "cls"
+    epochs: int = 30  # fine-tuning / from-scratch epochs (early stopping usually ends sooner)
+    patience: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = (set(self.methods) - {"probe", "knn", "finetune"}) | (set(self.baselines) - {"scratch", "resnet18", "pixels"})
+        if unknown:
+            raise ValueError(f"unknown methods/baselines {sorted(unknown)}")
+
+
+@torch.no_grad()
+def _features(encoder, images: torch.Tensor, pooling: str, batch_size: int = 256) -> np.ndarray:
+    encoder.eval()
+    return torch.cat([encoder.embed(images[i:i + batch_size], pooling).float() for i in range(0, len(images), batch_size)]).numpy()
+
+
+def _stop_split(idx: np.ndarray, labels: np.ndarray, seed: int, splits: dict) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Training indices and the early-stopping set (val when a test split exists, else 20 % of the subset)."""
+    if "test" in splits:
+        return idx, *splits["val"]
+    if len(idx) < 10:
+        return idx, splits["train"][0][idx], splits["train"][1][idx]  # too few to hold out: stop on training fit
+    hold = idx[stratified_subset(labels[idx], 0.2, seed=seed + 1000)]
+    rest = np.setdiff1d(idx, hold)
+    return rest, splits["train"][0][hold], splits["train"][1][hold]
+
+
+def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict, plan: EvalPlan = EvalPlan(),
+                   device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Run ``plan``. ``make_encoder(pretrained)`` returns a fresh encoder (pretrained weights or random init)."""
+    from tqdm.auto import tqdm
+
+    report = "test" if "test" in splits else "val"
+    xtr, ytr = splits["train"]
+    xrep, yrep = splits[report]
+    ytr_np, yrep_np = ytr.numpy(), yrep.numpy()
+    num_classes = int(max(ytr.max(), yrep.max())) + 1
+    spatial_dims = xtr.ndim - 2
+    frozen = [m for m in plan.methods if m in FROZEN]
+    feats = {}
+    if frozen:
+        encoder = make_encoder(True).to(device)
+        for p in plan.poolings:
+            feats[p] = (_features(encoder, xtr.to(device), p), _features(encoder, xrep.to(device), p))
+            if not all(np.isfinite(f).all() for f in feats[p]):
+                raise ValueError("the encoder gives non-finite features: its weights have diverged (NaN/inf); "
+                                 "pretrain again with a lower learning rate")
+    pixels = (xtr.flatten(1).numpy(), xrep.flatten(1).numpy())
+    per_run = len(frozen) * len(plan.poolings) + ("finetune" in plan.methods) + len(plan.baselines)
+    bar = tqdm(total=plan.seeds * len(plan.fractions) * per_run, desc="evaluation plan", unit="run", disable=not progress)
+    records = []
+
+    def add(method, pooling, fraction, seed, n_train, scores):
+        records.append({"method": method, "pooling": pooling, "fraction": fraction, "seed": seed, "split": report,
+                        "n_train": int(n_train), **classification_metrics(yrep_np, scores)})
+        bar.update(1)
+
+    for seed in range(plan.seeds):
+        for fraction in plan.fractions:
+            idx = stratified_subset(ytr_np, fraction, seed=seed)
+            for method in frozen:
+                for p in plan.poolings:
+                    ftr, frep = feats[p]
+                    if method == "probe":
+                        scores = linear_probe_scores(ftr[idx], ytr_np[idx], frep, seed=seed)[0]
+                    else:
+                        scores = knn_scores(ftr[idx], ytr_np[idx], frep, k=plan.k, num_classes=num_classes)
+                    add(method, p, fraction, seed, len(idx), scores)
+            if "pixels" in plan.baselines:
+                add("pixels", "-", fraction, seed, len(idx), linear_probe_scores(pixels[0][idx], ytr_np[idx], pixels[1], seed=seed)[0])
+            trained = [m for m in ("finetune",) if m in plan.methods] + [m for m in ("scratch", "resnet18") if m in plan.baselines]
+            for method in trained:
+                torch.manual_seed(seed)
+                if method == "resnet18":
+                    from monai.networks.nets import resnet18
+
+                    model = Classifier(resnet18(spatial_dims=spatial_dims, n_input_channels=xtr.shape[1], num_classes=num_classes),
+                                       num_classes, pooling=None)
+                else:
+                    model = Classifier(make_encoder(method == "finetune"), num_classes, pooling=plan.finetune_pooling)
+                train_idx, stop_x, stop_y = _stop_split(idx, ytr_np, seed, splits)
+                train_classifier(model, xtr[train_idx], ytr[train_idx], stop_x, stop_y, epochs=plan.epochs,
+                                 batch_size=plan.batch_size, lr=plan.lr, patience=plan.patience, seed=seed,
+                                 layer_decay=0.75 if method == "finetune" else None, device=device)
+                add(method, plan.finetune_pooling if method != "resnet18" else "-", fraction, seed, len(train_idx),
+                    predict_scores(model, xrep))
+    bar.close()
+    return {"split": report, "plan": asdict(plan), "records": records, "table": aggregate(records)}
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of each (method, pooling, fraction)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["pooling"], r["fraction"]), []).append(r)
+    rows = []
+    for (method, pooling, fraction), rs in groups.items():
+        row = {"method": method, "pooling": pooling, "fraction": fraction, "seeds": len(rs)}
+        for m in METRICS:
+            values = np.array([r[m] for r in rs], dtype=float)
+            row[m] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+            row[f"{m}_std"] = float(np.nanstd(values)) if not np.isnan(values).all() else float("nan")
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def write_reports(result: dict, out: str | os.PathLike, title: str = "") -> list[Path]:
+    """``results.json`` (records + table), ``results.md`` (one table per metric), ``results.png`` (metric vs fraction)."""
+    from ..viz.figure import save_figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out / "results.json")
+    table = result["table"]
+    fractions = sorted({r["fraction"] for r in table})
+    lines = [f"# {title or 'Evaluation'}", "", f"Reported on the **{result['split']}** split; mean ± std over "
+             f"{result['plan']['seeds']} seeds; same label subsets for every row.", ""]
+    for metric in METRICS:
+        lines += [f"## {metric}", "", "| method | pooling | " + " | ".join(f"{f:g} labels" for f in fractions) + " |",
+                  "|---|---|" + "---:|" * len(fractions)]
+        for key in dict.fromkeys((r["method"], r["pooling"]) for r in table):
+            cells = {r["fraction"]: _fmt(r[metric], r[f"{metric}_std"]) for r in table if (r["method"], r["pooling"]) == key}
+            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells.get(f, "") for f in fractions) + " |")
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4), squeeze=False)
+    for ax, metric in zip(axes[0], METRICS):
+        for key in dict.fromkeys((r["method"], r["pooling"]) for r in table):
+            rows = sorted((r for r in table if (r["method"], r["pooling"]) == key), key=lambda r: r["fraction"])
+            x = [r["fraction"] for r in rows]
+            y = np.array([r[metric] for r in rows])
+            s = np.array([r[f"{metric}_std"] for r in rows])
+            style = "--" if key[0] in ("scratch", "resnet18", "pixels") else "-"
+            ax.errorbar(x, y, yerr=s, marker="o", linestyle=style, capsize=3, label=key[0] if key[1] == "-" else f"{key[0]} ({key[1]})")
+        ax.set_xscale("log")
+        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+        ax.set_xlabel("label fraction")
+        ax.set_title(f"{metric} ({result['split']})")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    return [out / "results.json", out / "results.md", save_figure(fig, out / "results.png")]

@@ -1,0 +1,89 @@
+"""The evaluation plan: every method and baseline on the same subsets, aggregation, reports, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medssl.eval.labelled import load_labelled
+from medssl.eval.protocol import EvalPlan, aggregate, run_evaluation, write_reports
+from medssl.models import ViT
+
+
+def _splits(spatial_dims=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def data(n):
+        y = torch.randint(0, 2, (n,), generator=g)
+        x = torch.rand(n, 1, *[16] * spatial_dims, generator=g) * 0.2
+        x[y == 1, :, :8] += 0.8
+        return x, y
+    return {"train": data(60), "val": data(20)}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_plan_runs_every_method_on_the_same_subsets(spatial_dims, tmp_path):
+    plan = EvalPlan(fractions=(0.1, 1.0), seeds=2, poolings=("cls", "mean"), epochs=1)
+    result = run_evaluation(lambda pretrained: ViT(spatial_dims, 1, patch_size=4, size="micro"), _splits(spatial_dims), plan,
+                            progress=False)
+    records = result["records"]
+    assert result["split"] == "val"
+    assert len(records) == 2 * 2 * (2 * 2 + 1 + 3)  # seeds x fractions x (probe/knn x poolings + finetune + baselines)
+    for seed in (0, 1):  # frozen methods see the same number of labels at a given seed and fraction
+        sizes = {r["n_train"] for r in records if r["seed"] == seed and r["fraction"] == 0.1 and r["method"] in ("probe", "knn", "pixels")}
+        assert len(sizes) == 1
+    pixels = [r for r in records if r["method"] == "pixels" and r["fraction"] == 1.0]
+    assert all(r["auc"] == 1.0 for r in pixels)  # the bright half separates the classes in pixel space
+    files = write_reports(result, tmp_path, "tiny")
+    assert [f.name for f in files] == ["results.json", "results.md", "results.png"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {"split", "plan", "records", "table"} <= set(saved)
+    assert {"method", "pooling", "fraction", "seed", "split", "n_train", "accuracy", "balanced_accuracy", "auc"} <= set(saved["records"][0])
+    assert "± " in (tmp_path / "results.md").read_text()
+
+
+def test_aggregate_mean_and_std_over_seeds():
+    records = [{"method": "probe", "pooling": "cls", "fraction": 0.1, "accuracy": a, "balanced_accuracy": a, "auc": float("nan")}
+               for a in (0.6, 0.8)]
+    (row,) = aggregate(records)
+    assert row["seeds"] == 2 and row["accuracy"] == pytest.approx(0.7) and row["accuracy_std"] == pytest.approx(0.1)
+    assert np.isnan(row["auc"])
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown"):
+        EvalPlan(methods=("probe", "jigsaw"))
+
+
+def test_labelled_csv_without_splits_gets_a_stratified_val(tmp_path):
+    from medssl.data.synthetic import make_phantoms
+
+    data = make_phantoms(tmp_path / "ph", n_cases=10, shape=(24, 24, 12), spacing=(10.0, 10.0, 12.0), formats=("xray",),
+                         progress=False)
+    splits = load_labelled(data / "labels_xray.csv", spatial_dims=2, size=32)
+    assert set(splits) == {"train", "val"}
+    assert splits["train"][0].shape[1:] == (1, 32, 32)
+    assert sorted(splits["val"][1].tolist()) == [0, 1] and len(splits["train"][1]) == 8
+    with pytest.raises(ValueError, match="npz or a CSV"):
+        load_labelled(data / "labels.csv".replace("labels.csv", "xray"), spatial_dims=2)
+
+
+def test_benchmark_end_to_end_on_the_phantoms(tmp_path, capsys):
+    from medssl.cli import main
+    from medssl.data.synthetic import make_phantoms
+
+    data = make_phantoms(tmp_path / "ph", n_cases=10, shape=(40, 36, 20), spacing=(8.0, 8.0, 10.0), formats=("nifti",),
+                         progress=False)
+    out = tmp_path / "bench"
+    args = ["-q", "benchmark", "--bundle", "mae_ct_3d", "--data", str(data / "labels_ct.csv"), "--out", str(out),
+            "--max-epochs", "1", "--size", "micro", "--image-size", "16", "--patch-size", "4", "--set", "window_size=2",
+            "--set", "cache=none", "--fractions", "0.5,1", "--seeds", "1", "--epochs", "1", "--poolings", "mean"]
+    assert main(args) == 0
+    saved = json.loads((out / "evaluation" / "results.json").read_text())
+    methods = {r["method"] for r in saved["records"]}
+    assert methods == {"probe", "knn", "finetune", "scratch", "resnet18", "pixels"}
+    assert (out / "pretrain" / "models" / "model.pt").is_file() and (out / "evaluation" / "results.png").is_file()
+    assert "auc" in capsys.readouterr().out
