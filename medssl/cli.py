@@ -76,6 +76,7 @@ def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False
     """Run bundle ``bundle``'s train config into ``out``; records the settings in ``out/run.json``."""
     import json
 
+    from .atomic import atomic_write
     from .bundles import run_bundle
 
     out = Path(out).resolve()
@@ -86,9 +87,8 @@ def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False
         if saved.get("bundle") != bundle:
             raise ValueError(f"{out} was pretrained with bundle {saved.get('bundle')!r}, not {bundle!r}")
         overrides = {**saved["overrides"], **overrides}
-    tmp = record.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"bundle": bundle, "overrides": overrides}, indent=2) + "\n")
-    tmp.replace(record)
+    with atomic_write(record, "w") as f:
+        f.write(json.dumps({"bundle": bundle, "overrides": overrides}, indent=2) + "\n")
     run_bundle(bundle, "train", {**overrides, "output_dir": str(out), "resume": resume})
     return out
 
@@ -101,33 +101,26 @@ def _pretrain(args) -> int:
 
 
 def _embed(args) -> int:
-    import json
-
     from .bundles import data_overrides, run_bundle
 
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data} does not exist")
     ckpt = Path(args.checkpoint).resolve()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"--checkpoint {ckpt} does not exist")
-    record = ckpt.parent.parent / "run.json"
-    saved = json.loads(record.read_text()) if record.exists() else {}
-    bundle = args.bundle or saved.get("bundle")
-    if bundle is None:
-        raise ValueError(f"no {record} next to the checkpoint (written by `medssl pretrain`); say which bundle made it with --bundle")
-    overrides = {k: v for k, v in saved.get("overrides", {}).items() if k not in ("dataset_dir", "max_epochs", "batch_size", "seed")}
+    bundle, overrides = _run_record(ckpt, args.bundle)
     overrides.update({k: v for k, v in data_overrides(args.data).items() if k not in overrides})
     overrides.update(dataset_dir=str(Path(args.data).resolve()), ckpt_path=str(ckpt), embeddings_file=str(Path(args.out).resolve()),
                      pooling=args.pooling, output_dir=str(Path(args.out).resolve().parent), **_parse_sets(args.set))
-    if not Path(args.data).exists():
-        raise FileNotFoundError(f"--data {args.data} does not exist")
     run_bundle(bundle, "inference", overrides)
     print(f"wrote {args.out}")
     return 0
 
 
 def _run_record(ckpt: Path, bundle: str | None) -> tuple[str, dict]:
-    """The bundle and settings a checkpoint was trained with (``RUN/run.json`` beside ``RUN/models/``)."""
+    """The bundle and model/data settings a checkpoint was trained with (``RUN/run.json`` beside ``RUN/models/``)."""
     import json
 
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     record = ckpt.parent.parent / "run.json"
     saved = json.loads(record.read_text()) if record.exists() else {}
     bundle = bundle or saved.get("bundle")
@@ -146,8 +139,6 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: 
     from .eval.protocol import EvalPlan, run_evaluation, write_reports
 
     ckpt = Path(checkpoint).resolve()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     name, settings = _run_record(ckpt, bundle)
     parser = bundle_parser(name, settings)
     get = parser.get_parsed_content

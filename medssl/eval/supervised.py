@@ -82,6 +82,7 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
 
     Returns ``{"best_epoch", "epochs_run", "history": [stop-split metrics per epoch]}``; ``model`` ends with its best weights.
     """
+    from ..engine.lr_schedule import WarmupCosine
     from ..engine.trainer import autocast_dtype
 
     torch.manual_seed(seed)
@@ -93,7 +94,7 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     dtype = autocast_dtype(device, "auto")
     steps_per_epoch = max(1, math.ceil(len(train_x) / batch_size))
-    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    schedule = WarmupCosine(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     best, best_score, best_epoch, history, step = None, -math.inf, -1, [], 0
@@ -101,9 +102,8 @@ def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Ten
         model.train()
         order = torch.randperm(len(train_x), generator=generator)
         for i in range(0, len(order), batch_size):
-            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
+                g["lr"] = g["base_lr"] * schedule(step)
             idx = order[i:i + batch_size]
             if len(idx) < 2 < len(order):
                 continue  # a last batch of one would break batch norm (ResNet baseline)
