@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from .dicom import DicomFile, UnreadableFile, group_series, looks_like_dicom, read_dicom_header
 from .privacy import default_salt, patient_hash
 
@@ -375,7 +376,6 @@ def write_datalist(result: ScanResult, out: str | os.PathLike) -> Path:
         e["image"] = [_relative(p, base) for p in e["image"]] if isinstance(e["image"], list) else _relative(e["image"], base)
         entries.append(e)
     skipped = [{"path": _relative(s["path"], base), "reason": s["reason"]} for s in result.skipped]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"training": entries, "skipped": skipped}, indent=1))
-    os.replace(tmp, out)
+    with atomic_write(out, "w") as f:
+        json.dump({"training": entries, "skipped": skipped}, f, indent=1)
     return out

@@ -1,8 +1,8 @@
 """Atomic checkpoints and resuming from the latest one.
 
 MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed mid-write leaves a
-truncated file where its last good checkpoint was. :class:`AtomicCheckpointSaver` writes to a
-temporary file in the same folder and ``os.replace``s it, which is atomic on POSIX and Windows.
+truncated file where its last good checkpoint was. :class:`AtomicCheckpointSaver` writes through
+:func:`medssl.atomic.atomic_write` (temporary file, fsync, ``os.replace``).
 Loading goes through MONAI's ``CheckpointLoader`` (``weights_only=True``; keeps a larger
 ``max_epochs`` given on the command line).
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from ignite.engine import Events
 from monai.handlers import CheckpointLoader
+
+from ..atomic import atomic_write
 
 __all__ = ["atomic_save", "latest_checkpoint", "AtomicCheckpointSaver", "ResumeFromLatest", "unwrap"]
 
@@ -35,21 +36,10 @@ def unwrap(module):
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` to ``path`` atomically."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
+from ..atomic import atomic_write
 from ..models.pooling import pool_tokens
 
 __all__ = ["tiles", "embed_image", "extract_embeddings", "write_embeddings", "load_encoder"]
@@ -105,10 +105,7 @@ def write_embeddings(network: torch.nn.Module, dataloader, out_file: str | os.Pa
         load_encoder(network, checkpoint)
     result = extract_embeddings(network, dataloader, pooling, tile, device, progress)
     out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".npz", dir=out.parent)
-    os.close(fd)
-    np.savez(tmp, pooling=np.asarray(pooling), **result)
-    os.replace(tmp, out)
+    with atomic_write(out) as f:
+        np.savez(f, pooling=np.asarray(pooling), **result)
     logger.info("wrote %s (%d embeddings of size %d)", out, *result["embeddings"].shape)
     return out

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from .fractions import stratified_subset
 from .knn import knn_scores
 from .metrics import METRICS, classification_metrics
@@ -167,9 +168,8 @@ def write_reports(result: dict, out: str | os.PathLike, title: str = "") -> list
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out / "results.json")
+    with atomic_write(out / "results.json", "w") as f:
+        f.write(json.dumps(result, indent=1) + "\n")
     table = result["table"]
     fractions = sorted({r["fraction"] for r in table})
     lines = [f"# {title or 'Evaluation'}", "", f"Reported on the **{result['split']}** split; mean ± std over "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..atomic import atomic_write
+
 __all__ = ["save_figure"]
 
 
@@ -13,10 +15,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 90) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=dpi, format="png")
     plt.close(fig)
     return path
