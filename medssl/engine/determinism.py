@@ -3,11 +3,13 @@
 Three rules make a run a pure function of its seed:
 
 1. :class:`EpochSampler` draws each epoch's order from ``(seed, epoch)`` and yields
-   ``(epoch, index)`` pairs; after a resume it starts mid-epoch at the right item.
+   ``(epoch, position, index)``; after a resume it starts mid-epoch at the right item.
 2. :class:`SeededDataset` re-seeds the MONAI transform chain from ``(seed, epoch, index)`` before
    every item, so an item's random patches and augmentations do not depend on which worker made
    it, nor on what came before (MONAI's own scheme seeds each worker once, so a resumed run would
-   draw different patches).
+   draw different patches). With per-task ``views`` it also knows, from the item's position,
+   which iteration the item belongs to, asks the task schedule which task runs then, and applies
+   only that task's view pipeline (DINO's multi-crop is not computed for an MAE minibatch).
 3. The trainer seeds torch from ``(seed, iteration, rank)`` before every step, so masks and
    dropout replay too.
 """
@@ -29,7 +31,8 @@ def derive_seed(*keys: int) -> int:
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffled indices, one permutation per epoch from ``(seed, epoch)``, sharded over DDP ranks.
 
-    Yields ``(epoch, index)``. The sampler counts epochs itself (each ``iter`` is the next epoch);
+    Yields ``(epoch, position, index)``, ``position`` counting this rank's items within the epoch.
+    The sampler counts epochs itself (each ``iter`` is the next epoch);
     :meth:`set_position` puts it at ``epoch`` skipping ``start`` items, which is how a resumed run
     continues in the middle of an epoch.
     """
@@ -56,7 +59,7 @@ class EpochSampler(torch.utils.data.Sampler):
             order = list(range(self.size))
         order += order[: len(self) * self.num_replicas - self.size]  # equal share per rank
         mine = order[self.rank:: self.num_replicas]
-        return iter([(epoch, i) for i in mine[start:]])
+        return iter([(epoch, start + k, i) for k, i in enumerate(mine[start:])])
 
 
 def _transform_of(dataset):
@@ -66,27 +69,59 @@ def _transform_of(dataset):
 
 
 class SeededDataset(torch.utils.data.Dataset):
-    """Wrap a dataset so that item ``(epoch, i)`` is drawn with transforms seeded by ``(seed, epoch, i)``."""
+    """Wrap a dataset so that item ``(epoch, position, i)`` is drawn with transforms seeded by ``(seed, epoch, i)``.
 
-    def __init__(self, dataset, seed: int = 0) -> None:
+    Args:
+        views: optional per-task view pipelines (one callable or None per task of ``schedule``),
+            applied to the item after the dataset's own transforms.
+        schedule: the task schedule (``MultiTask.schedule``) that picks the task of each iteration.
+        batch_size, steps_per_epoch: how positions map to iterations
+            (``epoch * steps_per_epoch + position // batch_size + 1``, as the trainer counts).
+    """
+
+    def __init__(self, dataset, seed: int = 0, views=None, schedule=None, batch_size: int = 1, steps_per_epoch: int = 1) -> None:
         self.dataset, self.seed = dataset, seed
         self.transform = _transform_of(dataset)
+        self.views = None if views is None else list(views)
+        self.schedule = schedule
+        if self.views is not None:
+            n_tasks = getattr(schedule, "n_tasks", 1)
+            if len(self.views) != n_tasks:
+                raise ValueError(f"{len(self.views)} view pipelines for {n_tasks} scheduled tasks; give one per task (null for none)")
+        self.batch_size, self.steps_per_epoch = max(1, batch_size), max(1, steps_per_epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def iteration_of(self, epoch: int, position: int) -> int:
+        return epoch * self.steps_per_epoch + position // self.batch_size + 1
+
     def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if isinstance(key, tuple):
+            epoch, position, index = key if len(key) == 3 else (key[0], 0, key[1])
+        else:
+            epoch, position, index = 0, 0, key
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=derive_seed(self.seed, epoch, index))
-        return self.dataset[index]
+        item = self.dataset[index]
+        if self.views is None:
+            return item
+        task = self.schedule(self.iteration_of(epoch, position)) if self.schedule is not None else 0
+        view = self.views[task]
+        if view is not None:
+            if hasattr(view, "set_random_state"):
+                view.set_random_state(seed=derive_seed(self.seed, epoch, index, 1))
+            item = view(item)
+        item["view_task"] = torch.tensor(task)  # MultiTask checks it matches the task it runs
+        return item
 
 
 def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: int = 0, drop_last: bool = True,
-                    distributed: bool | None = None, **kwargs) -> DataLoader:
+                    distributed: bool | None = None, views=None, schedule=None, **kwargs) -> DataLoader:
     """A MONAI ``DataLoader`` with an :class:`EpochSampler` over a :class:`SeededDataset`.
 
-    ``distributed=None`` shards over ranks when ``torch.distributed`` is initialised.
+    ``distributed=None`` shards over ranks when ``torch.distributed`` is initialised. ``views`` and
+    ``schedule``: per-task view pipelines and the schedule choosing among them (see :class:`SeededDataset`).
     """
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -94,5 +129,7 @@ def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: in
     if len(dataset) // world < batch_size and drop_last:
         batch_size = max(1, len(dataset) // world)  # a tiny dataset still gives one full batch per epoch
     sampler = EpochSampler(len(dataset), seed=seed, num_replicas=world, rank=rank)
-    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+    steps = len(sampler) // batch_size if drop_last else -(-len(sampler) // batch_size)
+    seeded = SeededDataset(dataset, seed, views=views, schedule=schedule, batch_size=batch_size, steps_per_epoch=steps)
+    return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=num_workers > 0, **kwargs)

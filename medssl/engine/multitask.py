@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..tasks.base import Task
+from ..tasks.base import Task, check_batch
 from .determinism import derive_seed
 
 __all__ = ["TaskSchedule", "MultiTask"]
@@ -69,9 +69,26 @@ class MultiTask(nn.Module):
         self.loss_weights = {n: float((loss_weights or {}).get(n, 1.0)) for n in self.names}
 
     def forward(self, batch: dict, iteration: int = 1) -> dict[str, torch.Tensor]:
-        name = self.names[self.schedule(iteration)]
+        index = self.schedule(iteration)
+        name = self.names[index]
+        made_for = batch.get("view_task")
+        if made_for is not None and bool((made_for != index).any()):
+            raise RuntimeError(f"iteration {iteration} runs task {name!r} but its batch holds views made for task "
+                               f"{self.names[int(made_for.flatten()[0])]!r}: the loader's schedule or epoch length differs "
+                               "from the trainer's (build the loader with views=..., schedule=multitask.schedule)")
+        check_batch(self.tasks[name], batch)
         out = dict(self.tasks[name](batch))
         out["loss"] = out["loss"] * self.loss_weights[name]
         out.update({f"{name}/{k}": v for k, v in list(out.items())})
-        out["task"] = torch.tensor(self.names.index(name))
+        out["task"] = torch.tensor(index)
         return out
+
+    def step_start(self, progress: float) -> None:
+        """Tell every task how far training is (``iteration / total``) before the step."""
+        for task in self.tasks.values():
+            task.step_start(progress)
+
+    def step_end(self, progress: float) -> None:
+        """After every optimizer step, whichever task ran it (EMA teachers follow the shared backbone)."""
+        for task in self.tasks.values():
+            task.step_end(progress)

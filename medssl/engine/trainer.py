@@ -3,7 +3,9 @@
 Everything around the step is a handler, as in MONAI's model-zoo bundles (LR schedule, stats,
 TensorBoard, checkpoints, pictures, progress bar). The step itself:
 
-``seed(seed, iteration, rank) -> autocast(task forward) -> backward -> clip -> optimizer step``
+``seed(seed, iteration, rank) -> step_start -> autocast(task forward) -> backward -> clip -> optimizer step -> step_end``
+
+(``step_start``/``step_end`` give every task the training progress; DINO updates its EMA teacher there.)
 
 and returns plain floats (``loss`` plus whatever the task reports), which is what the handlers log.
 """
@@ -19,6 +21,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
 from ..tasks.base import Task
+from .checkpoint import unwrap
 from .determinism import EpochSampler, derive_seed
 from .multitask import MultiTask
 
@@ -126,6 +129,9 @@ class PretrainTrainer(SupervisedTrainer):
         torch.manual_seed(derive_seed(self.seed, iteration, self.rank))
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
+        tasks = unwrap(engine.network)
+        progress = iteration / max(1, engine.state.max_epochs * engine.state.epoch_length)
+        tasks.step_start(progress)
         with torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             out = engine.network(batch, iteration)
         loss = out["loss"]
@@ -144,6 +150,7 @@ class PretrainTrainer(SupervisedTrainer):
             self.scaler.update()
         else:
             engine.optimizer.step()
+        tasks.step_end(progress)
         self._bad_steps = 0
         result = {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
         result["grad_norm"] = float(grad_norm)

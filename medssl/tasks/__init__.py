@@ -1,9 +1,14 @@
 """Pretraining tasks: one file each, all registered by name in :data:`TASKS`."""
 
-from .base import TASKS, Task, build_task, register_task
+from .barlow import BarlowTwinsTask
+from .base import TASKS, Task, build_task, check_batch, register_task
+from .dino import DINOTask
+from .heads import DINOHead, ProjectionMLP
 from .mae import MAETask
 from .masking import TokenMask, patch_foreground, sample_mask
 from .patchify import patchify, unpatchify
+from .simclr import SimCLRTask, nt_xent
 
-__all__ = ["Task", "TASKS", "register_task", "build_task", "MAETask", "TokenMask", "sample_mask", "patch_foreground",
+__all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch", "MAETask", "DINOTask", "SimCLRTask",
+           "BarlowTwinsTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
            "patchify", "unpatchify"]

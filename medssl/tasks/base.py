@@ -12,27 +12,54 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["Task", "TASKS", "register_task", "build_task"]
+__all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch"]
 
 TASKS: dict[str, type[Task]] = {}
 
 
 class Task(nn.Module):
-    """Base class: ``forward(batch) -> {"loss": Tensor, ...}``; ``visualize(batch)`` for pictures."""
+    """Base class: ``forward(batch) -> {"loss": Tensor, ...}``; ``visualize(batch)`` for pictures.
+
+    ``required_keys`` names the batch entries the task reads (its views come from the data
+    pipeline, :mod:`medssl.data.views`); a batch without them is refused with a clear error.
+    """
+
+    required_keys: tuple[str, ...] = ("image",)
 
     name = "task"
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.progress = 0.0
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def step_start(self, progress: float) -> None:
+        """Called before every training step with ``progress`` = iteration / total iterations in (0, 1].
+
+        Tasks with schedules (DINO's teacher temperature) read it; it is a pure function of the
+        iteration, so a resumed run sees the same values.
+        """
+        self.progress = float(progress)
+
+    def step_end(self, progress: float) -> None:
+        """Called after every optimizer step, whichever task ran it (EMA teachers follow the shared
+        backbone through every task's updates)."""
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
         """Named image tensors shaped like ``batch["image"]`` to draw side by side (none by default)."""
         return {}
+
+
+def check_batch(task: Task, batch: dict) -> None:
+    """Raise a ``KeyError`` naming what is missing when ``batch`` lacks ``task.required_keys``."""
+    missing = [k for k in task.required_keys if k not in batch]
+    if missing:
+        raise KeyError(f"task {task.name!r} needs batch keys {list(task.required_keys)}, missing {missing} "
+                       f"(batch has {sorted(batch)}); give the task its view pipeline (medssl.data.views)")
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:

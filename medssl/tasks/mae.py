@@ -55,6 +55,7 @@ class MAETask(Task):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.background_threshold, self.image_key, self.window_decoder = background_threshold, image_key, window_decoder
+        self.required_keys = (image_key,)
         dim = decoder_dim or backbone.embed_dim // 2
         heads = decoder_heads or max(1, math.gcd(dim, backbone.num_heads))
         self.patch_size = backbone.patch_size

@@ -26,7 +26,8 @@ from medssl.engine import (
     warmup_cosine,
 )
 from medssl.models import ViT
-from medssl.tasks import MAETask, Task
+from medssl.data.views import multi_crop
+from medssl.tasks import DINOTask, MAETask, Task
 
 
 def _dataset(n=21):
@@ -36,18 +37,26 @@ def _dataset(n=21):
                                   EnsureTyped(keys="image", track_meta=False)]))
 
 
-def _run(folder, resume=False, crash_at=None, workers=0, max_epochs=3):
+def _run(folder, resume=False, crash_at=None, workers=0, max_epochs=3, dino=False):
     torch.manual_seed(0)
     vit = ViT(2, 1, patch_size=4, size="micro")
-    net = MultiTask([MAETask(vit)])
+    tasks = [MAETask(vit)] + ([DINOTask(vit, out_dim=32, hidden_dim=16, bottleneck_dim=8)] if dino else [])
+    net = MultiTask(tasks)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    loader = pretrain_loader(_dataset(), batch_size=4, seed=1, num_workers=workers)
+    views = [None, multi_crop(2, 16, 8, n_local=2)] if dino else None
+    loader = pretrain_loader(_dataset(), batch_size=4, seed=1, num_workers=workers, views=views, schedule=net.schedule)
     sched = warmup_cosine(opt, total_steps=5 * max_epochs, warmup_steps=3)
     state = {"network": net, "optimizer": opt, "lr_scheduler": sched}
     trainer = PretrainTrainer("cpu", max_epochs, loader, net, opt, seed=3, amp=False,
                               train_handlers=[LrScheduleHandler(sched, print_lr=False, epoch_level=False),
                                               ResumeFromLatest(folder, state, enabled=resume),
                                               AtomicCheckpointSaver(folder, state, every=3, encoder=vit)])
+    trainer.tasks_run = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _record(engine):
+        engine.tasks_run[engine.state.iteration] = int(engine.state.output["task"])
+
     if crash_at:
         @trainer.on(Events.ITERATION_STARTED(once=crash_at))
         def _kill(engine):
@@ -59,12 +68,16 @@ def _run(folder, resume=False, crash_at=None, workers=0, max_epochs=3):
     return net, trainer
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
-    straight, t1 = _run(tmp_path / "a")
-    _run(tmp_path / "b", crash_at=8)  # killed mid-epoch 2; the last checkpoint is at iteration 6
+@pytest.mark.parametrize("dino", [False, True], ids=["mae", "mae+dino"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, dino):
+    straight, t1 = _run(tmp_path / "a", dino=dino)
+    _run(tmp_path / "b", crash_at=8, dino=dino)  # killed mid-epoch 2; the last checkpoint is at iteration 6
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint_00000006.pt"
-    resumed, t2 = _run(tmp_path / "b", resume=True, workers=2)  # worker count may change on resume
+    resumed, t2 = _run(tmp_path / "b", resume=True, workers=2, dino=dino)  # worker count may change on resume
     assert t1.state.iteration == t2.state.iteration == 15
+    if dino:  # cyclic: MAE on odd iterations, DINO on even ones, and the resumed run picks up at iteration 7 (MAE)
+        assert list(t1.tasks_run.values()) == [0, 1] * 7 + [0]
+        assert t2.tasks_run == {i: t1.tasks_run[i] for i in range(7, 16)}
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tmp_path / "b" / "model.pt").is_file()
@@ -94,21 +107,22 @@ def test_atomic_save_replaces_and_cleans_up(tmp_path):
 def test_epoch_sampler_orders_shards_and_resumes_mid_epoch():
     s = EpochSampler(10, seed=5)
     e0, e1 = list(s), list(s)
-    assert [e for e, _ in e0] == [0] * 10 and [e for e, _ in e1] == [1] * 10
-    assert sorted(i for _, i in e0) == list(range(10)) and e0 != e1
+    assert [e for e, _, _ in e0] == [0] * 10 and [e for e, _, _ in e1] == [1] * 10
+    assert [p for _, p, _ in e0] == list(range(10))
+    assert sorted(i for _, _, i in e0) == list(range(10)) and e0 != e1
     s.set_position(0, start=4)
-    assert list(s) == e0[4:]
+    assert list(s) == e0[4:]  # same positions and indices as the uninterrupted epoch
     shards = [list(EpochSampler(10, seed=5, num_replicas=3, rank=r)) for r in range(3)]
     assert all(len(x) == 4 for x in shards)
-    assert {i for x in shards for _, i in x} == set(range(10))
+    assert {i for x in shards for _, _, i in x} == set(range(10))
 
 
 def test_seeded_items_do_not_depend_on_history():
     loader = pretrain_loader(_dataset(), batch_size=4, seed=7)
     ds = loader.dataset
-    a = ds[(2, 5)]["image"]
-    ds[(0, 1)]
-    assert torch.equal(ds[(2, 5)]["image"], a) and not torch.equal(ds[(3, 5)]["image"], a)
+    a = ds[(2, 0, 5)]["image"]
+    ds[(0, 0, 1)]
+    assert torch.equal(ds[(2, 3, 5)]["image"], a) and not torch.equal(ds[(3, 0, 5)]["image"], a)
 
 
 def test_warmup_cosine_values():

@@ -1,0 +1,163 @@
+"""Augmented views for contrastive and distillation tasks, built from MONAI transforms.
+
+A *view* is a random resized crop of the training image (a 2D image or a 3D patch from the
+standard pipeline) followed by medical-safe perturbations:
+
+- geometry: random resized crop (``scale`` = share of the area / volume), flips along chosen
+  axes, small rotations;
+- intensity: scale and shift, gamma, Gaussian noise, Gaussian blur, and for CT a random jitter of
+  the HU window. No colour jitter: grey images have no hue, and shifting the colours of fundus
+  photographs changes their meaning.
+
+The window jitter acts on the windowed image (the cached part of the pipeline windows once):
+shifting the level or narrowing the window is an exact re-windowing; widening it cannot bring
+back values the first window clipped, which then stay at the window's ends.
+
+:class:`MultiViewd` turns one item into ``views`` ``(G, C, *S)`` (global crops) and
+``local_views`` ``(L, C, *s)`` (smaller crops for DINO's multi-crop); batched they become
+``(B, G, C, *S)`` and ``(B, L, C, *s)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureType,
+    RandAdjustContrast,
+    RandFlip,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+    Randomizable,
+    RandRotate,
+    RandScaleCrop,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    Resize,
+    Transform,
+)
+from monai.data import get_track_meta, set_track_meta
+from monai.utils import ensure_tuple_rep
+
+__all__ = ["RandWindowJitter", "view_augmentation", "MultiViewd", "multi_crop", "two_views"]
+
+
+class RandWindowJitter(Randomizable, Transform):
+    """Re-window a [0, 1] windowed image: level shifted by up to ``level`` window widths, width
+    scaled by a factor in ``width``; with probability ``prob``."""
+
+    def __init__(self, level: float = 0.1, width: tuple[float, float] = (0.8, 1.2), prob: float = 0.8) -> None:
+        self.level, self.width, self.prob = level, width, prob
+        self._do, self._shift, self._scale = False, 0.0, 1.0
+
+    def randomize(self, data=None) -> None:
+        self._do = self.R.rand() < self.prob
+        self._shift = self.R.uniform(-self.level, self.level)
+        self._scale = self.R.uniform(*self.width)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        self.randomize()
+        if not self._do:
+            return img
+        return ((img - 0.5 - self._shift) / self._scale + 0.5).clamp(0, 1)
+
+
+def view_augmentation(spatial_dims: int, size: int | Sequence[int], scale: tuple[float, float] = (0.4, 1.0),
+                      flip_axes: Sequence[int] | None = None, rotate_degrees: float | None = None, intensity: float = 0.1,
+                      gamma: tuple[float, float] = (0.7, 1.5), noise_std: float = 0.02, blur: tuple[float, float] = (0.25, 1.0),
+                      window_jitter: bool = False) -> Compose:
+    """One view's transform chain ``(C, *spatial) -> (C, *size)``.
+
+    Args:
+        size: output edge (a multiple of the ViT patch).
+        scale: range of the crop's share of the image area (2D) or volume (3D).
+        flip_axes: spatial axes to flip at random (default: left-right in 2D, all three in 3D).
+        rotate_degrees: maximum in-plane rotation (default 10 in 2D; 0 in 3D, where resampling a
+            volume costs more than the crop and flips together and flips already vary the pose).
+        intensity: maximum relative scale and absolute shift of intensities.
+        gamma, noise_std, blur: gamma range, noise standard deviation, blur sigma range (0/None: off).
+        window_jitter: add :class:`RandWindowJitter` (CT).
+    """
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+    d = spatial_dims
+    per_axis = (scale[0] ** (1 / d), scale[1] ** (1 / d))  # area / volume share -> edge share
+    chain: list = [RandScaleCrop(roi_scale=per_axis[0], max_roi_scale=per_axis[1], random_size=True),
+                   Resize(spatial_size=ensure_tuple_rep(size, d), mode="bilinear" if d == 2 else "trilinear")]
+    for axis in (flip_axes if flip_axes is not None else ((0,) if d == 2 else (0, 1, 2))):
+        chain.append(RandFlip(prob=0.5, spatial_axis=axis))
+    rotate_degrees = (10.0 if d == 2 else 0.0) if rotate_degrees is None else rotate_degrees
+    if rotate_degrees:
+        r = math.radians(rotate_degrees)
+        chain.append(RandRotate(range_x=r, range_y=r if d == 3 else 0.0, range_z=r if d == 3 else 0.0, prob=0.5,
+                                padding_mode="zeros"))
+    if window_jitter:
+        chain.append(RandWindowJitter())
+    if intensity:
+        chain += [RandScaleIntensity(factors=intensity, prob=0.5), RandShiftIntensity(offsets=intensity, prob=0.5)]
+    if gamma:
+        chain.append(RandAdjustContrast(gamma=gamma, prob=0.5))
+    if noise_std:
+        chain.append(RandGaussianNoise(std=noise_std, prob=0.3))
+    if blur:
+        chain.append(RandGaussianSmooth(sigma_x=blur, sigma_y=blur, sigma_z=blur, prob=0.3))
+    chain.append(EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
+    return Compose(chain)
+
+
+class MultiViewd(Randomizable):
+    """Item -> item plus ``views`` (``n_global`` draws of ``global_view``) and, with ``n_local``,
+    ``local_views`` (draws of ``local_view``), all from ``item[key]``."""
+
+    def __init__(self, global_view: Compose, n_global: int = 2, local_view: Compose | None = None, n_local: int = 0,
+                 key: str = "image", views_key: str = "views", local_key: str = "local_views") -> None:
+        if n_global < 1 or n_local < 0 or (n_local and local_view is None):
+            raise ValueError(f"need n_global >= 1 and a local_view for n_local={n_local} > 0")
+        self.global_view, self.local_view, self.n_global, self.n_local = global_view, local_view, n_global, n_local
+        self.key, self.views_key, self.local_key = key, views_key, local_key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> MultiViewd:
+        super().set_random_state(seed, state)
+        seeds = self.R.randint(0, 2**31 - 1, size=2)
+        self.global_view.set_random_state(seed=int(seeds[0]))
+        if self.local_view is not None:
+            self.local_view.set_random_state(seed=int(seeds[1]))
+        return self
+
+    def randomize(self, data=None) -> None:  # the chains draw their own parameters
+        pass
+
+    def __call__(self, data: dict) -> dict:
+        img = torch.as_tensor(data[self.key])
+        out = dict(data)
+        tracking = get_track_meta()
+        set_track_meta(False)  # views are plain tensors; MetaTensor bookkeeping made small images ~10x slower
+        try:
+            out[self.views_key] = torch.stack([self.global_view(img) for _ in range(self.n_global)])
+            if self.n_local:
+                out[self.local_key] = torch.stack([self.local_view(img) for _ in range(self.n_local)])
+        finally:
+            set_track_meta(tracking)
+        return out
+
+
+def _modality_kwargs(modality: str) -> dict:
+    return {"window_jitter": modality.upper() == "CT"}
+
+
+def multi_crop(spatial_dims: int, size: int, local_size: int, n_local: int = 4, n_global: int = 2,
+               global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
+               modality: str = "CT", **augment) -> MultiViewd:
+    """DINO's multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size``."""
+    kw = {**_modality_kwargs(modality), **augment}
+    return MultiViewd(view_augmentation(spatial_dims, size, global_scale, **kw), n_global,
+                      view_augmentation(spatial_dims, local_size, local_scale, **kw) if n_local else None, n_local)
+
+
+def two_views(spatial_dims: int, size: int, scale: tuple[float, float] = (0.4, 1.0), modality: str = "CT", **augment) -> MultiViewd:
+    """SimCLR / Barlow Twins: two independently augmented crops at ``size``."""
+    return MultiViewd(view_augmentation(spatial_dims, size, scale, **{**_modality_kwargs(modality), **augment}), 2)

@@ -1,0 +1,53 @@
+"""Barlow Twins (Zbontar et al., 2021, arXiv:2103.03230): make the cross-correlation of two views'
+embeddings the identity, with MONAI's ``BarlowTwinsLoss``.
+
+Views come from the data pipeline (``batch["views"]``, ``(B, 2, C, *S)``). The projector is the
+paper's: 3 linear layers, BatchNorm and ReLU between them. Under DDP, batch statistics (the
+projector's BatchNorm and the loss's per-feature standardisation) are each rank's own: MONAI's
+loss builds the correlation matrix internally, so it is not all-reduced across ranks as in the
+paper's code; use a per-rank batch of at least a few dozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import BarlowTwinsLoss
+from torch import nn
+
+from .base import Task, register_task
+from .heads import ProjectionMLP
+from .simclr import pair_views
+
+__all__ = ["BarlowTwinsTask"]
+
+
+@register_task("barlow")
+class BarlowTwinsTask(Task):
+    """Barlow Twins on ``backbone``.
+
+    Args:
+        hidden_dim, out_dim: projector widths (8192 in the paper; 1024-2048 suit a tiny ViT).
+        lambd: weight of the off-diagonal (redundancy) terms, 5e-3 as in the paper.
+        pooling: backbone output fed to the projector (default ``"cls"`` with a CLS token, else ``"mean"``).
+    """
+
+    required_keys = ("views",)
+
+    def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 1024, lambd: float = 5e-3,
+                 pooling: str | None = None, views_key: str = "views") -> None:
+        super().__init__(backbone)
+        self.projector = ProjectionMLP(backbone.embed_dim, hidden_dim, out_dim, layers=3, batch_norm=True)
+        self.loss_fn = BarlowTwinsLoss(lambd=lambd)
+        self.views_key = views_key
+        self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
+        self.required_keys = (views_key,)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        z1, z2 = pair_views(self.backbone, self.projector, batch[self.views_key], self.pooling)
+        if z1.shape[0] < 2:
+            raise ValueError("Barlow Twins needs at least 2 images per batch (it standardises features over the batch)")
+        loss = self.loss_fn(z1, z2)
+        with torch.no_grad():
+            positive = F.cosine_similarity(z1, z2).mean()
+        return {"loss": loss, "positive_similarity": positive}

@@ -1,0 +1,147 @@
+"""DINO: self-distillation with no labels (Caron et al., 2021, arXiv:2104.14294), 2D and 3D.
+
+A student (the shared backbone plus a :class:`~medssl.tasks.heads.DINOHead`) learns to match, on
+every view, the output distribution a teacher gives on the *other* global views:
+
+- views come from the data pipeline (:class:`medssl.data.views.MultiViewd`): ``batch["views"]``
+  ``(B, G, C, *S)`` global crops (the teacher sees only these) and ``batch["local_views"]``
+  ``(B, L, C, *s)`` smaller local crops (student only; optional);
+- the teacher is an exponential moving average of the student, momentum rising from ``momentum``
+  to 1 on a cosine over training, updated in :meth:`step_end` after every optimizer step (also
+  after another task's step in multi-task runs, so it follows the shared backbone);
+- collapse is avoided by centring (an EMA of the teacher's batch-mean output, all-reduced over
+  DDP ranks) and sharpening (teacher temperature, warmed up from ``warmup_teacher_temp``);
+- the prototypes get no gradient for the first ``freeze_prototypes`` share of training.
+
+The teacher never receives gradients (``requires_grad=False``) and always runs in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Task, register_task
+from .heads import DINOHead
+
+__all__ = ["DINOTask", "teacher_temperature", "ema_momentum"]
+
+
+def teacher_temperature(progress: float, warmup_temp: float, temp: float, warmup: float) -> float:
+    """Linear warm-up from ``warmup_temp`` to ``temp`` over the first ``warmup`` share of training."""
+    if warmup <= 0 or progress >= warmup:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * progress / warmup
+
+
+def ema_momentum(progress: float, base: float) -> float:
+    """Cosine schedule of the teacher momentum: ``base`` at the start, 1 at the end."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
+
+
+def _views_first(x: torch.Tensor) -> torch.Tensor:
+    """``(B, V, C, *S) -> (V * B, C, *S)`` with views outermost, so ``chunk(V)`` splits by view."""
+    return x.transpose(0, 1).flatten(0, 1)
+
+
+@register_task("dino")
+class DINOTask(Task):
+    """DINO on ``backbone`` (a :class:`~medssl.models.ViT`).
+
+    Args:
+        out_dim, hidden_dim, bottleneck_dim: the :class:`DINOHead`.
+        pooling: backbone output fed to the head (default ``"cls"`` with a CLS token, else ``"mean"``).
+        student_temp: student softmax temperature (0.1).
+        teacher_temp, warmup_teacher_temp, teacher_temp_warmup: teacher temperature, warmed up
+            linearly from ``warmup_teacher_temp`` over the first ``teacher_temp_warmup`` of training.
+        momentum: teacher EMA momentum at the start (cosine to 1).
+        center_momentum: EMA momentum of the centre.
+        freeze_prototypes: share of training during which the prototypes are not trained.
+    """
+
+    required_keys = ("views",)
+
+    def __init__(self, backbone: nn.Module, out_dim: int = 4096, hidden_dim: int = 1024, bottleneck_dim: int = 256,
+                 pooling: str | None = None, student_temp: float = 0.1, teacher_temp: float = 0.07,
+                 warmup_teacher_temp: float = 0.04, teacher_temp_warmup: float = 0.3, momentum: float = 0.996,
+                 center_momentum: float = 0.9, freeze_prototypes: float = 0.01, views_key: str = "views",
+                 local_key: str = "local_views") -> None:
+        super().__init__(backbone)
+        if not 0.0 <= momentum <= 1.0 or not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"momentum and center_momentum must lie in [0, 1], got {momentum}, {center_momentum}")
+        self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
+        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.teacher = copy.deepcopy(backbone)
+        self.teacher_head = copy.deepcopy(self.head)
+        for p in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
+            p.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.student_temp, self.teacher_temp, self.warmup_teacher_temp = student_temp, teacher_temp, warmup_teacher_temp
+        self.teacher_temp_warmup, self.momentum, self.center_momentum = teacher_temp_warmup, momentum, center_momentum
+        self.freeze_prototypes, self.views_key, self.local_key = freeze_prototypes, views_key, local_key
+        self.required_keys = (views_key,)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        self.teacher_head.eval()
+        return self
+
+    def _student(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.embed(x, self.pooling), freeze_prototypes=self.progress < self.freeze_prototypes)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        views = batch[self.views_key]  # (B, G, C, *S)
+        n_global = views.shape[1]
+        if n_global < 2:
+            raise ValueError(f"DINO needs at least 2 global views per image, got {n_global}")
+        global_x = _views_first(views)
+        with torch.no_grad():
+            t_out = self.teacher_head(self.teacher.embed(global_x, self.pooling)).float()  # (G * B, K)
+        s_out = [self._student(global_x).float()]
+        local = batch.get(self.local_key)
+        if local is not None and local.shape[1] > 0:
+            s_out.append(self._student(_views_first(local)).float())
+        s_out = torch.cat(s_out).div(self.student_temp).log_softmax(-1).chunk(n_global + (0 if local is None else local.shape[1]))
+
+        temp = teacher_temperature(self.progress, self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp_warmup)
+        t_prob = ((t_out - self.center) / temp).softmax(-1).chunk(n_global)
+        loss, terms = t_out.new_zeros(()), 0
+        for i, q in enumerate(t_prob):
+            for j, log_p in enumerate(s_out):
+                if j != i:  # a view is never its own target
+                    loss = loss + (-q * log_p).sum(-1).mean()
+                    terms += 1
+        loss = loss / terms
+        self._update_center(t_out)
+        entropy = -(t_prob[0] * t_prob[0].clamp_min(1e-12).log()).sum(-1).mean() / math.log(t_out.shape[1])
+        return {"loss": loss, "teacher_entropy": entropy.detach(), "teacher_temp": torch.tensor(temp)}
+
+    @torch.no_grad()
+    def _update_center(self, t_out: torch.Tensor) -> None:
+        batch_center = t_out.mean(0, keepdim=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_center)
+            batch_center /= torch.distributed.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    @torch.no_grad()
+    def step_end(self, progress: float) -> None:
+        """teacher <- m * teacher + (1 - m) * student."""
+        m = ema_momentum(progress, self.momentum)
+        student = [*self.backbone.parameters(), *self.head.parameters()]
+        teacher = [*self.teacher.parameters(), *self.teacher_head.parameters()]
+        for t, s in zip(teacher, student):
+            t.lerp_(s.detach(), 1.0 - m)
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The image and the backbone's last-block CLS attention over it."""
+        from ..viz.attention import attention_maps, overlay
+
+        img = batch["image"]
+        return {"image": img, "attention": overlay(img, attention_maps(self.backbone, img))}

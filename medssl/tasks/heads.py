@@ -1,0 +1,70 @@
+"""Projection heads the contrastive tasks put on top of the backbone's pooled embedding.
+
+- :class:`ProjectionMLP`: ``Linear -> [BatchNorm] -> GELU/ReLU`` layers then a final ``Linear``
+  (SimCLR's projector is 2 layers, Barlow Twins' 3 layers with BatchNorm).
+- :class:`DINOHead`: the DINO head (Caron et al., 2021): an MLP to a bottleneck, L2-normalised,
+  then weight-normalised prototypes whose norm is fixed to 1 (``norm_last_layer=True`` in the
+  reference), i.e. logits are cosine similarities to learned prototypes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ProjectionMLP", "DINOHead"]
+
+
+class ProjectionMLP(nn.Module):
+    """``in_dim -> hidden_dim (x layers-1) -> out_dim``.
+
+    Args:
+        layers: number of linear layers (>= 1).
+        batch_norm: BatchNorm1d after each hidden linear layer (Barlow Twins, SimCLR v2).
+        activation: ``"relu"`` or ``"gelu"``.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 1024, out_dim: int = 128, layers: int = 2, batch_norm: bool = True,
+                 activation: str = "relu") -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"a projection needs at least 1 layer, got {layers}")
+        act = {"relu": nn.ReLU, "gelu": nn.GELU}[activation]
+        mods: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(dim, hidden_dim, bias=not batch_norm)]
+            mods += [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+            mods += [act()]
+            dim = hidden_dim
+        mods.append(nn.Linear(dim, out_dim))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DINOHead(nn.Module):
+    """``(B, in_dim) -> (B, out_dim)`` logits over ``out_dim`` prototypes.
+
+    Args:
+        out_dim: number of prototypes (65536 in the reference for ImageNet; a few thousand suit a
+            small medical set).
+        hidden_dim, bottleneck_dim, layers: the MLP (3 layers, GELU, as the reference).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 1024, bottleneck_dim: int = 256, layers: int = 3) -> None:
+        super().__init__()
+        self.mlp = ProjectionMLP(in_dim, hidden_dim, bottleneck_dim, layers=layers, batch_norm=False, activation="gelu")
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, freeze_prototypes: bool = False) -> torch.Tensor:
+        z = F.normalize(self.mlp(x), dim=-1)
+        w = F.normalize(self.prototypes, dim=-1)  # weight norm with g = 1
+        return F.linear(z, w.detach() if freeze_prototypes else w)

@@ -1,0 +1,89 @@
+"""SimCLR (Chen et al., 2020, arXiv:2002.05709): NT-Xent between two views of each image.
+
+The two views come from the data pipeline (``batch["views"]``, ``(B, 2, C, *S)``), pass through
+the shared backbone and a projector, and each view must pick its partner out of all other views
+in the batch. Under DDP the candidates are gathered from every rank (with gradients), so the
+loss is the one of the global batch.
+
+Why not MONAI's ``ContrastiveLoss``: it computes the similarity matrix by broadcasting
+``cosine_similarity`` over a ``(2B, 2B, D)`` tensor (memory quadratic in the batch times the
+feature width), exponentiates without a log-sum-exp, and sees only its own rank's negatives.
+:func:`nt_xent` gives the same value (tested against it) from a matrix product and
+``cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Task, register_task
+from .heads import ProjectionMLP
+
+__all__ = ["SimCLRTask", "nt_xent", "pair_views"]
+
+
+def _gather(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' ``z`` concatenated (gradients flow back to each rank's share), and this rank's offset."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return z, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z)), torch.distributed.get_rank() * z.shape[0]
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Normalised-temperature cross entropy of paired embeddings ``(B, D)``, ``(B, D)``.
+
+    For each of the 2B views: ``-log(exp(s_pos / t) / sum_{k != self} exp(s_k / t))`` with cosine
+    similarities ``s``, averaged over the views.
+    """
+    z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    b = z1.shape[0]
+    all1, offset = _gather(z1)
+    all2, _ = _gather(z2)
+    n = all1.shape[0]
+    candidates = torch.cat([all1, all2])  # (2N, D)
+    logits = torch.cat([z1, z2]) @ candidates.T / temperature  # (2B, 2N)
+    own = torch.arange(b, device=z1.device) + offset
+    self_cols = torch.cat([own, own + n])
+    logits[torch.arange(2 * b, device=z1.device), self_cols] = float("-inf")
+    targets = torch.cat([own + n, own])
+    return F.cross_entropy(logits, targets)
+
+
+def pair_views(backbone: nn.Module, projector: nn.Module, views: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 2, C, *S)`` views -> projected embeddings of view 1 and view 2, ``(B, D)`` each (float32)."""
+    if views.ndim < 4 or views.shape[1] != 2:
+        raise ValueError(f"expected views shaped (B, 2, C, *spatial), got {tuple(views.shape)}")
+    z = projector(backbone.embed(views.transpose(0, 1).flatten(0, 1), pooling)).float()
+    return z.chunk(2)
+
+
+@register_task("simclr")
+class SimCLRTask(Task):
+    """SimCLR on ``backbone``: projector (2 layers, BatchNorm) and :func:`nt_xent`.
+
+    Args:
+        hidden_dim, out_dim: projector widths.
+        temperature: NT-Xent temperature (0.1 suits small batches; the paper uses 0.1-0.5).
+        pooling: backbone output fed to the projector (default ``"cls"`` with a CLS token, else ``"mean"``).
+    """
+
+    required_keys = ("views",)
+
+    def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 128, temperature: float = 0.1,
+                 pooling: str | None = None, views_key: str = "views") -> None:
+        super().__init__(backbone)
+        self.projector = ProjectionMLP(backbone.embed_dim, hidden_dim, out_dim, layers=2, batch_norm=True)
+        self.temperature, self.views_key = temperature, views_key
+        self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
+        self.required_keys = (views_key,)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        z1, z2 = pair_views(self.backbone, self.projector, batch[self.views_key], self.pooling)
+        loss = nt_xent(z1, z2, self.temperature)
+        with torch.no_grad():
+            positive = F.cosine_similarity(z1, z2).mean()
+        return {"loss": loss, "positive_similarity": positive}

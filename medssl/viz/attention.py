@@ -1,0 +1,57 @@
+"""Where a ViT looks: last-block attention maps and their overlay on the image.
+
+With a CLS token the map is the CLS token's attention over the patch tokens in the last block
+(which is always global), as in the DINO paper's pictures; without one it is the attention each
+patch receives, averaged over all queries. Maps are averaged over heads (or kept per head),
+brought back from window-major to raster order, scaled to [0, 1] per image and upsampled to the
+image with nearest-neighbour (one flat value per patch, so nothing is invented).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["attention_maps", "overlay"]
+
+
+@torch.no_grad()
+def attention_maps(backbone: nn.Module, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    """``(B, C, *S)`` images -> ``(B, 1 or H, *S)`` maps in [0, 1] from ``backbone``'s last block."""
+    last = backbone.blocks[-1]
+    seen: dict = {}
+    hook = last.register_forward_pre_hook(lambda module, args: seen.update(tokens=args[0], mask=args[1] if len(args) > 1 else None))
+    try:
+        backbone(x)
+    finally:
+        hook.remove()
+    tokens = seen["tokens"]
+    weights = last.attn.weights(last.norm1(tokens), seen["mask"]).float()  # (B, H, L, L)
+    p = backbone.num_prefix_tokens
+    received = weights[:, :, 0, p:] if p else weights.mean(2)  # (B, H, N) in the blocks' token order
+    grid = backbone.grid_size(x.shape[2:])
+    layout = backbone.layout(grid, x.device)
+    if layout is not None:  # window-major slots (with padding) -> raster order
+        received = received[..., layout.slot_of]
+    maps = received if per_head else received.mean(1, keepdim=True)
+    maps = maps.reshape(*maps.shape[:2], *grid)
+    lo = maps.flatten(2).amin(-1).view(*maps.shape[:2], *([1] * len(grid)))
+    hi = maps.flatten(2).amax(-1).view(*maps.shape[:2], *([1] * len(grid)))
+    maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    return F.interpolate(maps, size=tuple(x.shape[2:]), mode="nearest")
+
+
+def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6, cmap: str = "inferno") -> torch.Tensor:
+    """Blend ``maps`` ``(B, 1, *S)`` in [0, 1], coloured with ``cmap``, over grey ``images`` ``(B, C, *S)``.
+
+    Returns RGB ``(B, 3, *S)``; the colour's weight grows with attention, so unattended regions
+    still show the anatomy.
+    """
+    from matplotlib import colormaps
+
+    grey = images.detach().float().mean(1, keepdim=True).clamp(0, 1).cpu()
+    m = maps.detach().float()[:, :1].clamp(0, 1).cpu()
+    colour = torch.from_numpy(colormaps[cmap](m[:, 0].numpy())[..., :3]).float().movedim(-1, 1)  # (B, 3, *S)
+    weight = alpha * m
+    return (1 - weight) * grey + weight * colour

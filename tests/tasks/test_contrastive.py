@@ -1,0 +1,102 @@
+"""Contrastive and distillation losses against hand-computed values; DINO's teacher and schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from monai.losses import ContrastiveLoss
+
+from medssl.models import ViT
+from medssl.tasks import BarlowTwinsTask, DINOTask, nt_xent
+from medssl.tasks.dino import ema_momentum, teacher_temperature
+
+
+def test_nt_xent_by_hand():
+    eye = torch.eye(2)
+    # each view: positive similarity 1, two negatives with similarity 0 -> -log(e / (e + 2)) at t = 1
+    assert nt_xent(eye, eye, temperature=1.0).item() == pytest.approx(math.log(math.e + 2) - 1, abs=1e-6)
+    # orthogonal partners: every candidate has similarity 0 -> log 3 ; scale does not matter (cosine)
+    assert nt_xent(eye, 5 * eye.flip(0), temperature=0.5).item() == pytest.approx(
+        -math.log(1 / (1 + 1 + math.exp(2))), abs=1e-5)
+
+
+def test_nt_xent_equals_monai_contrastive_loss():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    ours = nt_xent(z1, z2, temperature=0.5)
+    theirs = ContrastiveLoss(temperature=0.5)(z1, z2)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_barlow_twins_loss_by_hand():
+    task = BarlowTwinsTask(ViT(2, patch_size=4, size="micro"), hidden_dim=8, out_dim=8, lambd=0.5)
+    # two features; standardised over the batch (unbiased std): z1 = [[1, 1], [-1, -1]] -> each column +-1/sqrt(2)
+    z1 = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    z2 = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    # c = z1n^T z2n / 2 = [[0.5, -0.5], [0.5, -0.5]]: diagonal (0.5 - 1)^2 + (-0.5 - 1)^2, off-diagonal 0.5 * 2 * 0.25
+    expected = 0.25 + 2.25 + 0.5 * (0.25 + 0.25)
+    assert task.loss_fn(z1, z2).item() == pytest.approx(expected, rel=1e-4)
+    # identical views: MONAI divides by B but standardises with the unbiased std, so c = (B-1)/B = 0.5 everywhere
+    assert task.loss_fn(z1, z1).item() == pytest.approx(2 * 0.25 + 0.5 * 2 * 0.25, rel=1e-4)
+
+
+def _dino(**kw):
+    torch.manual_seed(0)
+    return DINOTask(ViT(2, patch_size=4, size="micro", cls_token=True), out_dim=32, hidden_dim=16, bottleneck_dim=8, **kw)
+
+
+def test_dino_schedules():
+    assert teacher_temperature(0.0, 0.04, 0.07, 0.3) == pytest.approx(0.04)
+    assert teacher_temperature(0.15, 0.04, 0.07, 0.3) == pytest.approx(0.055)
+    assert teacher_temperature(0.9, 0.04, 0.07, 0.3) == pytest.approx(0.07)
+    assert ema_momentum(0.0, 0.996) == pytest.approx(0.996) and ema_momentum(1.0, 0.996) == pytest.approx(1.0)
+    assert ema_momentum(0.5, 0.99) == pytest.approx(0.995)
+
+
+def test_ema_update_is_exact():
+    task = _dino(momentum=0.9)
+    with torch.no_grad():
+        for p in [*task.backbone.parameters(), *task.head.parameters()]:
+            p.add_(torch.randn_like(p))
+    teacher_before = [p.clone() for p in [*task.teacher.parameters(), *task.teacher_head.parameters()]]
+    student = [p.clone() for p in [*task.backbone.parameters(), *task.head.parameters()]]
+    progress = 0.25
+    m = ema_momentum(progress, 0.9)
+    task.step_end(progress)
+    for t_new, t_old, s in zip([*task.teacher.parameters(), *task.teacher_head.parameters()], teacher_before, student):
+        assert torch.allclose(t_new, m * t_old + (1 - m) * s, atol=1e-6, rtol=0)
+
+
+def test_dino_teacher_gets_no_gradient_and_moves_only_by_ema():
+    task = _dino()
+    task.train()
+    assert not task.teacher.training and not task.teacher_head.training
+    task.step_start(0.5)
+    views = torch.rand(3, 2, 1, 16, 16)
+    out = task({"views": views, "local_views": torch.rand(3, 2, 1, 8, 8)})
+    out["loss"].backward()
+    teacher = [*task.teacher.parameters(), *task.teacher_head.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in teacher)
+    before = [p.clone() for p in teacher]
+    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=0.1)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher))
+    task.step_end(0.5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, teacher))
+
+
+def test_dino_centre_follows_the_teacher_and_prototypes_freeze_early():
+    task = _dino(center_momentum=0.5)
+    views = torch.rand(4, 2, 1, 16, 16)
+    task.step_start(0.0)  # inside freeze_prototypes: no gradient to the prototypes
+    task({"views": views})["loss"].backward()
+    assert task.head.prototypes.grad is None
+    with torch.no_grad():
+        t_out = task.teacher_head(task.teacher.embed(views.transpose(0, 1).flatten(0, 1), "cls"))
+    centre = task.center.clone()
+    task({"views": views})
+    assert torch.allclose(task.center, 0.5 * centre + 0.5 * t_out.mean(0, keepdim=True), atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 global views"):
+        task({"views": views[:, :1]})
