@@ -180,6 +180,34 @@ def _benchmark(args) -> int:
     return 0
 
 
+def _attention(args) -> int:
+    """Last-block attention maps of an encoder over the first images of a dataset."""
+    from monai.data import DataLoader
+
+    from .bundles import bundle_parser
+    from .data.dataset import build_dataset, load_source
+    from .data.pipeline import build_transforms
+    from .eval.features import load_encoder
+    from .viz.attention import write_attention_pictures
+
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data} does not exist")
+    ckpt = Path(args.checkpoint).resolve()
+    name, settings = _run_record(ckpt, args.bundle)
+    get = bundle_parser(name, settings).get_parsed_content
+    dims, size = get("spatial_dims"), get("image_size")
+    encoder = load_encoder(get("network_def", lazy=False), ckpt).eval()
+    entries = load_source(args.data, spatial_dims=dims)[: args.max_images]
+    if not entries:
+        raise ValueError(f"no {dims}D images in {args.data}")
+    transform = build_transforms(train=False, spatial_dims=dims, size=size, channels=get("in_channels"), ct_windows=get("ct_window"))
+    loader = DataLoader(build_dataset(entries, transform, cache="none"), batch_size=1)
+    images = [batch["image"][0].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"][0] for batch in loader]
+    files = write_attention_pictures(encoder, images, args.out, size, title=f"{name}: last-block attention ({ckpt.name})")
+    print("\n".join(f"wrote {f}" for f in files))
+    return 0
+
+
 def _demo(args) -> int:
     """The README's main job on the embedded data: phantoms -> scan -> preview -> 3D MAE pretraining."""
     from .data.scan import scan_folder, write_datalist
@@ -285,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     plan_flags(p)
     p.set_defaults(func=_benchmark)
+
+    p = sub.add_parser("attention", help="attention maps of a pretrained encoder overlaid on images (PNG)")
+    p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")
+    p.add_argument("--data", required=True, help="folder of images, datalist .json or MedMNIST .npz")
+    p.add_argument("--out", required=True, help="folder for attention_NNN.png")
+    p.add_argument("--max-images", type=int, default=8)
+    p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
+    p.set_defaults(func=_attention)
 
     p = sub.add_parser("demo", help="main job on the embedded data: phantoms, scan, preview, 3D MAE pretraining")
     p.add_argument("--out", default="demo_out")

@@ -10,12 +10,20 @@ import torch
 
 from medssl.bundles import bundle_root, check_metadata, list_bundles, run_bundle
 
-BUNDLES = ["mae_ct_3d", "mae_xray_2d"]
+BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d"]
+_3D = dict(vit_size="micro", image_size=16, patch_size=4, window_size=2, batch_size=2, cache="none")
+_2D = dict(vit_size="micro", image_size=32, patch_size=8, window_size=2, batch_size=2, cache="none")
+_HEADS = dict(out_dim=64)
 TINY = {  # a few seconds per bundle on a laptop CPU
-    "mae_ct_3d": dict(vit_size="micro", image_size=16, patch_size=4, window_size=2, batch_size=2, cache="none"),
-    "mae_xray_2d": dict(vit_size="micro", image_size=32, patch_size=8, window_size=2, batch_size=2, cache="none"),
+    "mae_ct_3d": _3D,
+    "mae_xray_2d": _2D,
+    "dino_xray_2d": dict(_2D, **_HEADS, n_local_crops=2),
+    "simclr_xray_2d": dict(_2D, method_settings={"simclr": {"hidden_dim": 32, "out_dim": 16}}),
+    "mae_dino_ct_3d": dict(_3D, **_HEADS, n_local_crops=2),
 }
-DATA = {"mae_ct_3d": "ct_dicom", "mae_xray_2d": "xray"}
+DATA = {"mae_ct_3d": "ct_dicom", "mae_xray_2d": "xray", "dino_xray_2d": "xray", "simclr_xray_2d": "xray", "mae_dino_ct_3d": "ct_dicom"}
+PICTURES = {"mae_ct_3d": ["mae"], "mae_xray_2d": ["mae"], "dino_xray_2d": ["dino"], "simclr_xray_2d": ["simclr"],
+            "mae_dino_ct_3d": ["mae", "dino"]}
 
 
 def test_bundles_are_found():
@@ -47,7 +55,8 @@ def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch)
     run_bundle(name, "train", dict(settings, max_epochs=2))
     model = out / "models" / "model.pt"
     assert model.is_file() and sorted(p.name for p in (out / "models").glob("checkpoint_*.pt"))
-    assert (out / "pictures" / "mae_final.png").stat().st_size > 1000
+    for task in PICTURES[name]:
+        assert (out / "pictures" / f"{task}_final.png").stat().st_size > 1000
     assert list((out / "logs").glob("events.out.tfevents.*"))
 
     inference = {k: v for k, v in settings.items() if k not in ("batch_size", "cache")}

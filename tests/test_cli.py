@@ -84,3 +84,23 @@ def test_pretrain_and_embed_errors(tmp_path, capsys):
     assert "no bundle named 'nope'" in capsys.readouterr().err
     assert main(["pretrain", "--bundle", "mae_ct_3d", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert main(["embed", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path), "--out", str(tmp_path / "e.npz")]) == 2
+
+
+@pytest.mark.parametrize("spatial_dims,bundle,sets", [
+    (2, "dino_xray_2d", ["out_dim=64", "n_local_crops=2"]),
+    (3, "mae_dino_ct_3d", ["out_dim=64", "n_local_crops=2"]),
+    (3, "simclr_xray_2d", ["method=barlow", "view_modality=CT"]),
+])
+def test_contrastive_pretraining_then_attention_maps(tmp_path, spatial_dims, bundle, sets):
+    data = _tiny_npz(tmp_path / "tiny.npz", spatial_dims, n=16)
+    run = tmp_path / "run"
+    flags = [f for s in sets for f in ("--set", s)]
+    assert main(["-q", "pretrain", "--bundle", bundle, "--data", str(data), "--out", str(run), "--size", "micro",
+                 "--batch-size", "8", "--max-epochs", "1", *flags]) == 0
+    pictures = sorted(p.name for p in (run / "pictures").glob("*_final.png"))
+    assert pictures == {"dino_xray_2d": ["dino_final.png"], "mae_dino_ct_3d": ["dino_final.png", "mae_final.png"],
+                        "simclr_xray_2d": ["barlow_final.png"]}[bundle]
+    out = tmp_path / "attention"
+    assert main(["-q", "attention", "--checkpoint", str(run / "models" / "model.pt"), "--data", str(data), "--out", str(out),
+                 "--max-images", "5"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["attention_000.png", "attention_001.png"]

@@ -108,12 +108,11 @@ class SeededDataset(torch.utils.data.Dataset):
             return item
         task = self.schedule(self.iteration_of(epoch, position)) if self.schedule is not None else 0
         view = self.views[task]
-        if view is not None:
-            if hasattr(view, "set_random_state"):
-                view.set_random_state(seed=derive_seed(self.seed, epoch, index, 1))
-            item = view(item)
-        item["view_task"] = torch.tensor(task)  # MultiTask checks it matches the task it runs
-        return item
+        if view is not None and hasattr(view, "set_random_state"):
+            view.set_random_state(seed=derive_seed(self.seed, epoch, index, 1))
+        samples = item if isinstance(item, list) else [item]  # 3D pipelines give several patches per volume
+        samples = [dict(view(x) if view is not None else x, view_task=torch.tensor(task)) for x in samples]
+        return samples if isinstance(item, list) else samples[0]  # view_task: MultiTask checks it runs that task
 
 
 def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: int = 0, drop_last: bool = True,

@@ -27,7 +27,7 @@ class ProgressBar:
     def __init__(self, persist: bool = False, summary: bool = True) -> None:
         self.persist, self.summary = persist, summary
         self._sums: dict[str, float] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}
 
     def attach(self, engine) -> None:
         from ignite.handlers import ProgressBar as IgniteBar
@@ -38,15 +38,19 @@ class ProgressBar:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
 
     def _accumulate(self, engine) -> None:
-        for k, v in (engine.state.output or {}).items():
-            if k != "task" and "/" not in k:
+        output = engine.state.output or {}
+        multitask = len(getattr(unwrap(engine.network), "names", ())) > 1
+        for k, v in output.items():
+            # per-task losses in multi-task runs; other per-task copies repeat the plain keys
+            if k != "task" and ("/" not in k or (multitask and k.endswith("/loss"))):
                 self._sums[k] = self._sums.get(k, 0.0) + float(v)
-        self._count += 1
+                self._counts[k] = self._counts.get(k, 0) + 1
 
     def _report(self, engine) -> None:
-        means = "  ".join(f"{k} {v / max(self._count, 1):.4g}" for k, v in self._sums.items())
+        # each value is averaged over the iterations that reported it (a task's metrics over its own steps)
+        means = "  ".join(f"{k} {v / self._counts[k]:.4g}" for k, v in self._sums.items())
         logger.info("epoch %d/%d (iteration %d): %s", engine.state.epoch, engine.state.max_epochs, engine.state.iteration, means)
-        self._sums, self._count = {}, 0
+        self._sums, self._counts = {}, {}
 
 
 class TaskPictures:

@@ -51,3 +51,10 @@ class BarlowTwinsTask(Task):
         with torch.no_grad():
             positive = F.cosine_similarity(z1, z2).mean()
         return {"loss": loss, "positive_similarity": positive}
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The image and the backbone's last-block attention over it."""
+        from ..viz.attention import attention_panels
+
+        return attention_panels(self.backbone, batch["image"])

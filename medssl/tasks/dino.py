@@ -140,8 +140,7 @@ class DINOTask(Task):
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The image and the backbone's last-block CLS attention over it."""
-        from ..viz.attention import attention_maps, overlay
+        """The image and the backbone's last-block attention over it."""
+        from ..viz.attention import attention_panels
 
-        img = batch["image"]
-        return {"image": img, "attention": overlay(img, attention_maps(self.backbone, img))}
+        return attention_panels(self.backbone, batch["image"])

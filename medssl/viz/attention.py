@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["attention_maps", "overlay"]
+__all__ = ["attention_maps", "overlay", "attention_panels", "most_foreground_block", "write_attention_pictures"]
 
 
 @torch.no_grad()
@@ -29,9 +29,13 @@ def attention_maps(backbone: nn.Module, x: torch.Tensor, per_head: bool = False)
     tokens = seen["tokens"]
     weights = last.attn.weights(last.norm1(tokens), seen["mask"]).float()  # (B, H, L, L)
     p = backbone.num_prefix_tokens
-    received = weights[:, :, 0, p:] if p else weights.mean(2)  # (B, H, N) in the blocks' token order
     grid = backbone.grid_size(x.shape[2:])
     layout = backbone.layout(grid, x.device)
+    if p:
+        received = weights[:, :, 0, p:]  # (B, H, N) in the blocks' token order
+    else:  # mean over the real queries (padding slots of overhanging windows ask too, but are not image)
+        queries = slice(None) if layout is None else layout.order >= 0
+        received = weights[:, :, queries].mean(2)
     if layout is not None:  # window-major slots (with padding) -> raster order
         received = received[..., layout.slot_of]
     maps = received if per_head else received.mean(1, keepdim=True)
@@ -55,3 +59,37 @@ def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6, cmap: 
     colour = torch.from_numpy(colormaps[cmap](m[:, 0].numpy())[..., :3]).float().movedim(-1, 1)  # (B, 3, *S)
     weight = alpha * m
     return (1 - weight) * grey + weight * colour
+
+
+def attention_panels(backbone: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"image": images, "attention": overlay}``: what the contrastive tasks draw during training."""
+    return {"image": images, "attention": overlay(images, attention_maps(backbone, images))}
+
+
+def most_foreground_block(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size``-edged block of a ``(C, *spatial)`` image with the most foreground (the whole
+    image when it is no larger): attention over a full CT volume would not fit in memory."""
+    from ..eval.features import tiles
+
+    if all(s <= size for s in img.shape[1:]):
+        pad = [v for s in reversed(img.shape[1:]) for v in (0, size - s)]
+        return F.pad(img, pad)
+    blocks, share = tiles(img, size)
+    return blocks[int(share.argmax())]
+
+
+def write_attention_pictures(backbone: nn.Module, images: list[torch.Tensor], out_dir, size: int, per_page: int = 4,
+                             title: str = "") -> list:
+    """PNG pages of image | attention overlay (2D) or their three orthogonal slices (3D), ``per_page`` rows each."""
+    from pathlib import Path
+
+    from .panels import write_panels
+
+    out_dir = Path(out_dir)
+    device = next(backbone.parameters()).device
+    written = []
+    for page, start in enumerate(range(0, len(images), per_page)):
+        batch = torch.stack([most_foreground_block(img.float(), size) for img in images[start:start + per_page]]).to(device)
+        written.append(write_panels(attention_panels(backbone, batch), out_dir / f"attention_{page:03d}.png",
+                                    title=title, max_rows=per_page))
+    return written
