@@ -22,7 +22,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import Task, register_task

@@ -15,16 +15,21 @@ from medssl.bundles import bundle_root
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
-def test_two_process_training_shards_data_and_syncs_gradients(tmp_path):
+@pytest.mark.parametrize("bundle,spatial_dims,extra", [
+    ("mae_xray_2d", 2, []),
+    ("mae_dino_ct_3d", 3, ["--out_dim", "64", "--n_local_crops", "2"]),  # cyclic: each task leaves the other's head unused
+])
+def test_two_process_training_shards_data_and_syncs_gradients(tmp_path, bundle, spatial_dims, extra):
     rng = np.random.default_rng(0)
     data = tmp_path / "tiny.npz"
-    np.savez(data, train_images=rng.integers(0, 255, (24, 28, 28), dtype=np.uint8), train_labels=rng.integers(0, 2, (24, 1)))
-    configs = bundle_root("mae_xray_2d") / "configs"
+    np.savez(data, train_images=rng.integers(0, 255, (24,) + (28,) * spatial_dims, dtype=np.uint8),
+             train_labels=rng.integers(0, 2, (24, 1)))
+    configs = bundle_root(bundle) / "configs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
            "--config_file", f"['{configs / 'train.yaml'}','{configs / 'multi_gpu_train.yaml'}']",
            "--logging_file", str(configs / "logging.conf"), "--dataset_dir", str(data), "--output_dir", str(tmp_path / "run"),
            "--vit_size", "micro", "--image_size", "28", "--patch_size", "4", "--window_size", "None", "--batch_size", "4",
-           "--max_epochs", "2", "--picture_every", "2"]
+           "--max_epochs", "2", "--picture_every", "2", "--samples_per_volume", "1", *extra]
     env = {**os.environ, "MEDSSL_SALT": "t", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
