@@ -157,17 +157,22 @@ def memory_probe(spec: str) -> dict:
     kind, dims, size, patch, n, window, background, ct = json.loads(spec)
     model = build(kind, dims, size, patch, window, background)
     batch = batch_for(dims, size, n, ct)
-    step = step_fn(model, batch)
+    return {"peak_mb": peak_rss_mb(step_fn(model, batch), 3)}
+
+
+def peak_rss_mb(step, n: int) -> float:
+    """Peak resident memory (MB) that ``n`` calls of ``step`` add to this process."""
     base = _status_mb("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
-    for _ in range(3):
+    for _ in range(n):
         step()
-    return {"peak_mb": _status_mb("VmHWM:") - base}
+    return _status_mb("VmHWM:") - base
 
 
-def probe(spec: list) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec)], capture_output=True, text=True,
+def probe(spec: list, script: str = __file__) -> float:
+    """Run ``script --memory-probe spec`` in a fresh process; its peak memory in MB."""
+    out = subprocess.run([sys.executable, script, "--memory-probe", json.dumps(spec)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode:
         sys.exit(f"memory probe {spec} failed:\n{out.stderr[-2000:]}")

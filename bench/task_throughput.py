@@ -25,14 +25,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 
 import torch
 
-from pretrain_throughput import _autocast, _status_mb
+from pretrain_throughput import _autocast, peak_rss_mb, probe
 from report import publish
 
 warnings.filterwarnings("ignore")
@@ -113,21 +111,7 @@ def stepper(model, task_batches):
 def memory_probe(spec: str) -> dict:
     task, dims, size, patch, n = json.loads(spec)
     model, views = build(task, dims, size, patch)
-    step = stepper(model, batches(views, dims, size, n))
-    base = _status_mb("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    for _ in range(2 * len(views)):
-        step()
-    return {"peak_mb": _status_mb("VmHWM:") - base}
-
-
-def probe(spec: list) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if out.returncode:
-        sys.exit(f"memory probe {spec} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    return {"peak_mb": peak_rss_mb(stepper(model, batches(views, dims, size, n)), 2 * len(views))}
 
 
 def main() -> None:
@@ -161,7 +145,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         for t in TASKS:
             speed = n * args.steps / statistics.median(times[t])
-            mem = probe([t, dims, size, patch, n])
+            mem = probe([t, dims, size, patch, n], __file__)
             rows.append((name, n, t, speed, data[t], mem))
             print(f"{name:9} {t:9} {speed:8.1f} samples/s  views {data[t]:6.2f} ms/sample  peak {mem:7.0f} MB", flush=True)
     mae = {r[0]: r[3] for r in rows if r[2] == "mae"}

@@ -11,19 +11,18 @@ paper's code; use a per-rank batch of at least a few dozen.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.losses import BarlowTwinsLoss
 from torch import nn
 
-from .base import Task, register_task
+from .base import register_task
 from .heads import ProjectionMLP
-from .simclr import pair_views
+from .two_views import TwoViewTask
 
 __all__ = ["BarlowTwinsTask"]
 
 
 @register_task("barlow")
-class BarlowTwinsTask(Task):
+class BarlowTwinsTask(TwoViewTask):
     """Barlow Twins on ``backbone``.
 
     Args:
@@ -32,29 +31,13 @@ class BarlowTwinsTask(Task):
         pooling: backbone output fed to the projector (default ``"cls"`` with a CLS token, else ``"mean"``).
     """
 
-    required_keys = ("views",)
-
     def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 1024, lambd: float = 5e-3,
                  pooling: str | None = None, views_key: str = "views") -> None:
-        super().__init__(backbone)
-        self.projector = ProjectionMLP(backbone.embed_dim, hidden_dim, out_dim, layers=3, batch_norm=True)
+        super().__init__(backbone, ProjectionMLP(backbone.embed_dim, hidden_dim, out_dim, layers=3, batch_norm=True),
+                         pooling, views_key)
         self.loss_fn = BarlowTwinsLoss(lambd=lambd)
-        self.views_key = views_key
-        self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
-        self.required_keys = (views_key,)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        z1, z2 = pair_views(self.backbone, self.projector, batch[self.views_key], self.pooling)
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         if z1.shape[0] < 2:
             raise ValueError("Barlow Twins needs at least 2 images per batch (it standardises features over the batch)")
-        loss = self.loss_fn(z1, z2)
-        with torch.no_grad():
-            positive = F.cosine_similarity(z1, z2).mean()
-        return {"loss": loss, "positive_similarity": positive}
-
-    @torch.no_grad()
-    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The image and the backbone's last-block attention over it."""
-        from ..viz.attention import attention_panels
-
-        return attention_panels(self.backbone, batch["image"])
+        return self.loss_fn(z1, z2)

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Task, register_task
+from .base import register_task
 from .heads import ProjectionMLP
+from .two_views import TwoViewTask
 
-__all__ = ["SimCLRTask", "nt_xent", "pair_views"]
+__all__ = ["SimCLRTask", "nt_xent"]
 
 
 def _gather(z: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -53,16 +54,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     return F.cross_entropy(logits, targets)
 
 
-def pair_views(backbone: nn.Module, projector: nn.Module, views: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, 2, C, *S)`` views -> projected embeddings of view 1 and view 2, ``(B, D)`` each (float32)."""
-    if views.ndim < 4 or views.shape[1] != 2:
-        raise ValueError(f"expected views shaped (B, 2, C, *spatial), got {tuple(views.shape)}")
-    z = projector(backbone.embed(views.transpose(0, 1).flatten(0, 1), pooling)).float()
-    return z.chunk(2)
-
-
 @register_task("simclr")
-class SimCLRTask(Task):
+class SimCLRTask(TwoViewTask):
     """SimCLR on ``backbone``: projector (2 layers, BatchNorm) and :func:`nt_xent`.
 
     Args:
@@ -71,26 +64,11 @@ class SimCLRTask(Task):
         pooling: backbone output fed to the projector (default ``"cls"`` with a CLS token, else ``"mean"``).
     """
 
-    required_keys = ("views",)
-
     def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 128, temperature: float = 0.1,
                  pooling: str | None = None, views_key: str = "views") -> None:
-        super().__init__(backbone)
-        self.projector = ProjectionMLP(backbone.embed_dim, hidden_dim, out_dim, layers=2, batch_norm=True)
-        self.temperature, self.views_key = temperature, views_key
-        self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
-        self.required_keys = (views_key,)
+        super().__init__(backbone, ProjectionMLP(backbone.embed_dim, hidden_dim, out_dim, layers=2, batch_norm=True),
+                         pooling, views_key)
+        self.temperature = temperature
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        z1, z2 = pair_views(self.backbone, self.projector, batch[self.views_key], self.pooling)
-        loss = nt_xent(z1, z2, self.temperature)
-        with torch.no_grad():
-            positive = F.cosine_similarity(z1, z2).mean()
-        return {"loss": loss, "positive_similarity": positive}
-
-    @torch.no_grad()
-    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The image and the backbone's last-block attention over it."""
-        from ..viz.attention import attention_panels
-
-        return attention_panels(self.backbone, batch["image"])
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return nt_xent(z1, z2, self.temperature)
