@@ -53,6 +53,8 @@ def load_medmnist(path: str | os.PathLike, split: str = "train", spatial_dims: i
     if dims not in (2, 3):
         raise ValueError(f"{path}: cannot interpret images of shape {images.shape}")
     arrays = np.moveaxis(images, -1, 1) if rgb else images[:, None]  # (N, C, *spatial)
+    if dims == 2:  # rows-first (H, W) -> (W, H), the axis order MONAI's readers give 2D images
+        arrays = arrays.swapaxes(-1, -2)
     name = os.path.splitext(os.path.basename(path))[0]
     entries = []
     for i in range(len(arrays)):

@@ -126,3 +126,16 @@ def test_resampling_to_a_target_spacing(phantoms):
     t = build_transforms(spatial_dims=3, size=16, pixdim=(16.0, 16.0, 20.0), num_samples=1)
     head = Compose(t.transforms[:3])  # load, orientation, spacing
     assert tuple(head(entry)["image"].shape) == (1, 20, 18, 10)
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_medmnist_2d_images_follow_monai_axis_order_and_display_upright(tmp_path, rgb):
+    from medssl.viz.views import display_2d
+
+    img = np.arange(2 * 3, dtype=np.uint8).reshape(2, 3) * 40  # 2 rows, 3 columns
+    img = np.repeat(img[..., None], 3, -1) if rgb else img
+    np.savez(tmp_path / "rect.npz", train_images=img[None], train_labels=np.zeros((1, 1)))
+    tensor = load_source(tmp_path / "rect.npz")[0]["image"]
+    assert tensor.shape == ((3,) if rgb else (1,)) + (3, 2)  # (C, W, H), as MONAI's PNG reader gives
+    shown = display_2d(tensor)
+    np.testing.assert_allclose(shown[..., 0] if rgb else shown, img[..., 0] / 255.0 if rgb else img / 255.0, rtol=1e-6)
