@@ -149,7 +149,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: 
         net = get("network_def", lazy=False)
         return load_encoder(net, ckpt) if pretrained else net
 
-    result = run_evaluation(make_encoder, splits, plan or EvalPlan(), progress=progress)
+    from dataclasses import asdict
+
+    from .eval.journal import Journal
+
+    plan = plan or EvalPlan()
+    header = {"checkpoint": str(ckpt), "data": str(Path(data).resolve()), "plan": asdict(plan)}
+    journal = Journal(Path(out) / "records.jsonl", header)  # a killed run started again skips what is done
+    result = run_evaluation(make_encoder, splits, plan, progress=progress, journal=journal)
     result.update(checkpoint=str(ckpt), data=str(Path(data).resolve()), bundle=name)
     return write_reports(result, out, title=f"{name} on {Path(data).name}")
 

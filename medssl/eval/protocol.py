@@ -28,6 +28,7 @@ import torch
 
 from ..atomic import atomic_write
 from .fractions import stratified_subset
+from .journal import Journal
 from .knn import knn_scores
 from .metrics import METRICS, classification_metrics
 from .probe import linear_probe_scores
@@ -80,8 +81,13 @@ def _stop_split(idx: np.ndarray, labels: np.ndarray, seed: int, splits: dict) ->
 
 
 def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict, plan: EvalPlan = EvalPlan(),
-                   device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Run ``plan``. ``make_encoder(pretrained)`` returns a fresh encoder (pretrained weights or random init)."""
+                   device: str | torch.device = "cpu", progress: bool = True, journal: Journal | None = None) -> dict:
+    """Run ``plan``. ``make_encoder(pretrained)`` returns a fresh encoder (pretrained weights or random init).
+
+    With a :class:`~medssl.eval.journal.Journal`, each result is appended as it finishes and
+    results already in it are not computed again (a killed evaluation resumes).
+    """
+    journal = journal or Journal(None, {})
     from tqdm.auto import tqdm
 
     report = "test" if "test" in splits else "val"
@@ -92,7 +98,9 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
     spatial_dims = xtr.ndim - 2
     frozen = [m for m in plan.methods if m in FROZEN]
     feats = {}
-    if frozen:
+    frozen_done = all((m, p, float(f), s) in journal.done for m in frozen for p in plan.poolings
+                      for f in plan.fractions for s in range(plan.seeds))
+    if frozen and not frozen_done:
         encoder = make_encoder(True).to(device)
         for p in plan.poolings:
             feats[p] = (_features(encoder, xtr.to(device), p), _features(encoder, xrep.to(device), p))
@@ -104,9 +112,15 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
     bar = tqdm(total=plan.seeds * len(plan.fractions) * per_run, desc="evaluation plan", unit="run", disable=not progress)
     records = []
 
-    def add(method, pooling, fraction, seed, n_train, scores):
-        records.append({"method": method, "pooling": pooling, "fraction": fraction, "seed": seed, "split": report,
-                        "n_train": int(n_train), **classification_metrics(yrep_np, scores)})
+    def run(method, pooling, fraction, seed, compute):
+        """``compute() -> (n_train, scores)`` unless the journal already has this result."""
+        done = journal.done.get((method, pooling, float(fraction), seed))
+        if done is None:
+            n_train, scores = compute()
+            done = {"method": method, "pooling": pooling, "fraction": fraction, "seed": seed, "split": report,
+                    "n_train": int(n_train), **classification_metrics(yrep_np, scores)}
+            journal.add(done)
+        records.append(done)
         bar.update(1)
 
     for seed in range(plan.seeds):
@@ -114,30 +128,32 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
             idx = stratified_subset(ytr_np, fraction, seed=seed)
             for method in frozen:
                 for p in plan.poolings:
-                    ftr, frep = feats[p]
-                    if method == "probe":
-                        scores = linear_probe_scores(ftr[idx], ytr_np[idx], frep, seed=seed)[0]
-                    else:
-                        scores = knn_scores(ftr[idx], ytr_np[idx], frep, k=plan.k, num_classes=num_classes)
-                    add(method, p, fraction, seed, len(idx), scores)
+                    def frozen_scores(method=method, p=p, idx=idx, seed=seed):
+                        ftr, frep = feats[p]
+                        if method == "probe":
+                            return len(idx), linear_probe_scores(ftr[idx], ytr_np[idx], frep, seed=seed)[0]
+                        return len(idx), knn_scores(ftr[idx], ytr_np[idx], frep, k=plan.k, num_classes=num_classes)
+                    run(method, p, fraction, seed, frozen_scores)
             if "pixels" in plan.baselines:
-                add("pixels", "-", fraction, seed, len(idx), linear_probe_scores(pixels[0][idx], ytr_np[idx], pixels[1], seed=seed)[0])
+                run("pixels", "-", fraction, seed,
+                    lambda idx=idx, seed=seed: (len(idx), linear_probe_scores(pixels[0][idx], ytr_np[idx], pixels[1], seed=seed)[0]))
             trained = [m for m in ("finetune",) if m in plan.methods] + [m for m in ("scratch", "resnet18") if m in plan.baselines]
             for method in trained:
-                torch.manual_seed(seed)
-                if method == "resnet18":
-                    from monai.networks.nets import resnet18
+                def supervised_scores(method=method, idx=idx, seed=seed):
+                    torch.manual_seed(seed)
+                    if method == "resnet18":
+                        from monai.networks.nets import resnet18
 
-                    model = Classifier(resnet18(spatial_dims=spatial_dims, n_input_channels=xtr.shape[1], num_classes=num_classes),
-                                       num_classes, pooling=None)
-                else:
-                    model = Classifier(make_encoder(method == "finetune"), num_classes, pooling=plan.finetune_pooling)
-                train_idx, stop_x, stop_y = _stop_split(idx, ytr_np, seed, splits)
-                train_classifier(model, xtr[train_idx], ytr[train_idx], stop_x, stop_y, epochs=plan.epochs,
-                                 batch_size=plan.batch_size, lr=plan.lr, patience=plan.patience, seed=seed,
-                                 layer_decay=0.75 if method == "finetune" else None, device=device)
-                add(method, plan.finetune_pooling if method != "resnet18" else "-", fraction, seed, len(train_idx),
-                    predict_scores(model, xrep))
+                        model = Classifier(resnet18(spatial_dims=spatial_dims, n_input_channels=xtr.shape[1], num_classes=num_classes),
+                                           num_classes, pooling=None)
+                    else:
+                        model = Classifier(make_encoder(method == "finetune"), num_classes, pooling=plan.finetune_pooling)
+                    train_idx, stop_x, stop_y = _stop_split(idx, ytr_np, seed, splits)
+                    train_classifier(model, xtr[train_idx], ytr[train_idx], stop_x, stop_y, epochs=plan.epochs,
+                                     batch_size=plan.batch_size, lr=plan.lr, patience=plan.patience, seed=seed,
+                                     layer_decay=0.75 if method == "finetune" else None, device=device)
+                    return len(train_idx), predict_scores(model, xrep)
+                run(method, plan.finetune_pooling if method != "resnet18" else "-", fraction, seed, supervised_scores)
     bar.close()
     return {"split": report, "plan": asdict(plan), "records": records, "table": aggregate(records)}
 

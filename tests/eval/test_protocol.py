@@ -87,3 +87,35 @@ def test_benchmark_end_to_end_on_the_phantoms(tmp_path, capsys):
     assert methods == {"probe", "knn", "finetune", "scratch", "resnet18", "pixels"}
     assert (out / "pretrain" / "models" / "model.pt").is_file() and (out / "evaluation" / "results.png").is_file()
     assert "auc" in capsys.readouterr().out
+
+
+def test_a_killed_evaluation_resumes_from_its_journal(tmp_path, monkeypatch):
+    from medssl.eval import protocol
+    from medssl.eval.journal import Journal
+
+    plan = EvalPlan(fractions=(0.5, 1.0), seeds=1, methods=("probe", "knn"), baselines=("pixels",), poolings=("mean",))
+    header = {"checkpoint": "a.pt", "plan": {"seeds": 1}}
+    make = lambda pretrained: ViT(2, 1, patch_size=4, size="micro")  # noqa: E731
+    calls = []
+    real_probe = protocol.linear_probe_scores
+
+    def probe_that_dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third probe: killed mid-plan
+            raise KeyboardInterrupt
+        return real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "linear_probe_scores", probe_that_dies)
+    path = tmp_path / "records.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(make, _splits(2), plan, progress=False, journal=Journal(path, header))
+    assert len(path.read_text().splitlines()) == 1 + 3  # header, probe + knn + pixels at fraction 0.5
+    with open(path, "a") as f:
+        f.write('{"method": "probe", "pool')  # a line cut off by the kill
+    monkeypatch.setattr(protocol, "linear_probe_scores", real_probe)
+    resumed = run_evaluation(make, _splits(2), plan, progress=False, journal=Journal(path, header))
+    fresh = run_evaluation(make, _splits(2), plan, progress=False)
+    assert resumed["records"] == fresh["records"] and len(resumed["records"]) == 6
+    assert len(path.read_text().splitlines()) == 1 + 6
+    with pytest.raises(ValueError, match="another evaluation"):
+        Journal(path, {"checkpoint": "b.pt", "plan": {"seeds": 1}})
