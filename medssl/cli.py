@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="linear probe, kNN and fine-tuning at several label fractions, with baselines")
     p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")
-    p.add_argument("--data", required=True, help="MedMNIST .npz, or CSV with image,label[,split][,modality]")
+    p.add_argument("--data", required=True, help="MedMNIST .npz, CSV with image,label[,split][,modality], or datalist .json with labels")
     p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png")
     p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
     plan_flags(p)
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="pretrain on the images without labels, then evaluate against baselines")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--data", required=True, help="MedMNIST .npz, or CSV with image,label[,split][,modality]")
+    p.add_argument("--data", required=True, help="MedMNIST .npz, CSV with image,label[,split][,modality], or datalist .json with labels")
     p.add_argument("--out", required=True, help="pretrain/ and evaluation/ go here")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--batch-size", type=int)

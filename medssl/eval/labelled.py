@@ -1,4 +1,4 @@
-"""Labelled data for evaluation: a MedMNIST ``.npz`` or a CSV of (image, label[, split][, modality]).
+"""Labelled data for evaluation: a MedMNIST ``.npz``, a CSV of (image, label[, split][, modality]) or a datalist ``.json``.
 
 Everything becomes fixed-size tensors in memory, ``{split: (images (N, C, *size), labels (N,))}``:
 MedMNIST splits as stored; files through medssl's deterministic pipeline (2D resized and padded
@@ -49,11 +49,21 @@ def load_labelled(data: str | os.PathLike, spatial_dims: int = 2, size: int = 28
             out[split] = (torch.stack([torch.as_tensor(e["image"]) for e in entries]).float(),
                           torch.tensor([int(e["label"]) for e in entries]))
         return out
-    if path.suffix != ".csv":
-        raise ValueError(f"{path}: labelled data must be a MedMNIST .npz or a CSV with image,label[,split][,modality] columns")
-    from ..data.dataset import load_source
+    if path.suffix not in (".csv", ".json"):
+        raise ValueError(f"{path}: labelled data must be a MedMNIST .npz, a CSV with image,label[,split][,modality] "
+                         "columns or a datalist .json whose entries have a label")
+    from ..data.dataset import load_datalist, load_source
 
-    rows = load_source(path)
+    if path.suffix == ".json":  # MONAI datalist: its sections are the splits unless entries name one
+        import json
+
+        sections = json.loads(path.read_text())
+        rows = [dict(e, split=e.get("split", split)) for key, split in (("training", "train"), ("validation", "val"), ("test", "test"))
+                if isinstance(sections, dict) and key in sections for e in load_datalist(path, key)]
+        if not rows:
+            raise ValueError(f"{path}: no 'training' / 'validation' / 'test' entries")
+    else:
+        rows = load_source(path)
     if any("label" not in r for r in rows):
         raise ValueError(f"{path}: every row needs a label")
     for r in rows:

@@ -67,8 +67,19 @@ def test_labelled_csv_without_splits_gets_a_stratified_val(tmp_path):
     assert set(splits) == {"train", "val"}
     assert splits["train"][0].shape[1:] == (1, 32, 32)
     assert sorted(splits["val"][1].tolist()) == [0, 1] and len(splits["train"][1]) == 8
-    with pytest.raises(ValueError, match="npz or a CSV"):
+    with pytest.raises(ValueError, match="npz, a CSV"):
         load_labelled(data / "labels.csv".replace("labels.csv", "xray"), spatial_dims=2)
+
+    # the same cohort as a MONAI datalist: its sections are the splits
+    import csv
+
+    rows = list(csv.DictReader(open(data / "labels_xray.csv")))
+    entry = lambda r: {"image": str(data / r["image"]), "label": int(r["label"])}  # noqa: E731
+    datalist = {"training": [entry(r) for r in rows[:7]], "validation": [entry(r) for r in rows[7:]]}
+    (tmp_path / "cohort.json").write_text(json.dumps(datalist))
+    splits = load_labelled(tmp_path / "cohort.json", spatial_dims=2, size=32)
+    assert len(splits["train"][1]) == 7 and len(splits["val"][1]) == 3
+    assert splits["val"][1].tolist() == [int(r["label"]) for r in rows[7:]]
 
 
 def test_benchmark_end_to_end_on_the_phantoms(tmp_path, capsys):
