@@ -179,6 +179,23 @@ def probe(spec: list, script: str = __file__) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
+def bench_args(doc: str, memory_probe, steps: int, extra=None) -> argparse.Namespace:
+    """The command line the speed benchmarks share. A ``--memory-probe SPEC`` call (how :func:`probe`
+    runs one configuration in a fresh process) prints ``memory_probe(SPEC)`` as JSON and exits."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=steps, help="steps per round")
+    p.add_argument("--markdown", default=None, help="write the tables into this file between the markers")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    if extra is not None:
+        extra(p)
+    args = p.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe)))
+        sys.exit(0)
+    return args
+
+
 def alternate(models: dict, batch: dict, rounds: int, steps: int) -> dict[str, float]:
     """Samples/s of each model: median over ``rounds``, the models taking turns within a round."""
     steps_fns = {k: step_fn(m, batch) for k, m in models.items()}
@@ -197,16 +214,8 @@ def alternate(models: dict, batch: dict, rounds: int, steps: int) -> dict[str, f
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--skip-big", action="store_true", help="skip the 128^3 part")
-    p.add_argument("--markdown", default=None, help="write the tables into this file between the markers")
-    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe)))
-        return
+    args = bench_args(__doc__, memory_probe, steps=3,
+                      extra=lambda p: p.add_argument("--skip-big", action="store_true", help="skip the 128^3 part"))
     torch.set_num_threads(os.cpu_count() or 1)
     _, dtype = _autocast()
     peak = peak_matmul_gflops()

@@ -20,7 +20,6 @@ Configs: 2D 28x28 patch 4 batch 64; 3D 28^3 patch 4 batch 16.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,7 +29,7 @@ import warnings
 
 import torch
 
-from pretrain_throughput import _autocast, peak_rss_mb, probe
+from pretrain_throughput import _autocast, bench_args, peak_rss_mb, probe
 from report import publish
 
 warnings.filterwarnings("ignore")
@@ -115,15 +114,7 @@ def memory_probe(spec: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=2, help="steps per round (a whole number of task cycles)")
-    p.add_argument("--markdown", default=None, help="write the table into this file between the markers")
-    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe)))
-        return
+    args = bench_args(__doc__, memory_probe, steps=2)  # 2 steps per round: whole MAE+DINO cycles
     torch.set_num_threads(os.cpu_count() or 1)
     _, dtype = _autocast()
     precision = str(dtype).replace("torch.", "") if dtype else "float32"

@@ -133,8 +133,11 @@ def _run_record(ckpt: Path, bundle: str | None) -> tuple[str, dict]:
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: str | None = None, plan=None,
              progress: bool = True) -> list[Path]:
     """Evaluate an encoder checkpoint on labelled ``data`` (see :mod:`medssl.eval.protocol`); returns the report files."""
+    from dataclasses import asdict
+
     from .bundles import bundle_parser
     from .eval.features import load_encoder
+    from .eval.journal import Journal
     from .eval.labelled import load_labelled
     from .eval.protocol import EvalPlan, run_evaluation, write_reports
 
@@ -148,10 +151,6 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: 
     def make_encoder(pretrained: bool):
         net = get("network_def", lazy=False)
         return load_encoder(net, ckpt) if pretrained else net
-
-    from dataclasses import asdict
-
-    from .eval.journal import Journal
 
     plan = plan or EvalPlan()
     header = {"checkpoint": str(ckpt), "data": str(Path(data).resolve()), "plan": asdict(plan)}

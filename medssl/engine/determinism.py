@@ -97,10 +97,7 @@ class SeededDataset(torch.utils.data.Dataset):
         return epoch * self.steps_per_epoch + position // self.batch_size + 1
 
     def __getitem__(self, key):
-        if isinstance(key, tuple):
-            epoch, position, index = key if len(key) == 3 else (key[0], 0, key[1])
-        else:
-            epoch, position, index = 0, 0, key
+        epoch, position, index = key if isinstance(key, tuple) else (0, 0, key)  # EpochSampler's keys, or a plain index
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=derive_seed(self.seed, epoch, index))
         item = self.dataset[index]

@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..atomic import atomic_write
+
 __all__ = ["Journal", "record_key"]
 
 logger = logging.getLogger(__name__)
@@ -47,14 +49,9 @@ class Journal:
             self.done = {record_key(r): r for r in parsed[1:]}
             if self.done:
                 logger.info("resuming the evaluation: %d results already in %s", len(self.done), self.path)
-            self._rewrite(parsed[1:])  # drops a cut-off last line
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._rewrite([])
+        self._rewrite(list(self.done.values()))  # a new journal gets its header; a cut-off last line is dropped
 
     def _rewrite(self, records: list[dict]) -> None:
-        from ..atomic import atomic_write
-
         with atomic_write(self.path, "w") as f:
             f.write("\n".join(json.dumps(x) for x in [{"header": self.header}, *records]) + "\n")
 

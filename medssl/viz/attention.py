@@ -2,7 +2,7 @@
 
 With a CLS token the map is the CLS token's attention over the patch tokens in the last block
 (which is always global), as in the DINO paper's pictures; without one it is the attention each
-patch receives, averaged over all queries. Maps are averaged over heads (or kept per head),
+patch receives, averaged over the real queries (not the padding slots of overhanging windows). Maps are averaged over heads (or kept per head),
 brought back from window-major to raster order, scaled to [0, 1] per image and upsampled to the
 image with nearest-neighbour (one flat value per patch, so nothing is invented).
 """
