@@ -165,7 +165,8 @@ def _plan(args):
 
     split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
     return EvalPlan(fractions=tuple(float(v) for v in split(args.fractions)), seeds=args.seeds, methods=split(args.methods),
-                    baselines=split(args.baselines), poolings=split(args.poolings), epochs=args.epochs)
+                    baselines=split(args.baselines), poolings=split(args.poolings), epochs=args.epochs,
+                    finetune_pooling=args.finetune_pooling)
 
 
 def _evaluate(args) -> int:
@@ -182,6 +183,24 @@ def _benchmark(args) -> int:
     run = pretrain(args.bundle, out / "pretrain", overrides)
     files = evaluate(run / "models" / "model.pt", args.data, out / "evaluation", args.bundle, _plan(args), progress=not args.quiet)
     print((out / "evaluation" / "results.md").read_text())
+    print("\n".join(f"wrote {f}" for f in files))
+    return 0
+
+
+def _compare(args) -> int:
+    """Several encoders' evaluations on the same data in one table and one plot."""
+    from .eval.compare import compare_results, load_results, write_comparison
+
+    results = {}
+    for item in args.evaluations:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).resolve().parent.name, item
+        if name in results:
+            raise ValueError(f"two evaluations are named {name!r}: name them NAME=DIR")
+        results[name] = load_results(path)
+    files = write_comparison(compare_results(results), args.out, title=args.title)
+    print((Path(args.out) / "comparison.md").read_text())
     print("\n".join(f"wrote {f}" for f in files))
     return 0
 
@@ -296,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--baselines", default="scratch,resnet18,pixels", help="comma list; empty string for none")
         p.add_argument("--poolings", default="cls,mean,flatten")
         p.add_argument("--epochs", type=int, default=30, help="fine-tuning / from-scratch epochs (early stopping)")
+        p.add_argument("--finetune-pooling", choices=("cls", "mean", "flatten"), default="cls",
+                       help="pooling of the fine-tuned and from-scratch ViT's head (default cls)")
 
     p = sub.add_parser("evaluate", help="linear probe, kNN and fine-tuning at several label fractions, with baselines")
     p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")
@@ -319,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     plan_flags(p)
     p.set_defaults(func=_benchmark)
+
+    p = sub.add_parser("compare", help="several encoders' evaluations of the same data side by side (table and plot)")
+    p.add_argument("evaluations", nargs="+", metavar="[NAME=]DIR",
+                   help="evaluation folders (or results.json) of medssl evaluate; NAME defaults to the folder's parent")
+    p.add_argument("--out", required=True, help="folder for comparison.json, comparison.md, comparison.png")
+    p.add_argument("--title", default="")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("attention", help="attention maps of a pretrained encoder overlaid on images (PNG)")
     p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")

@@ -34,10 +34,11 @@ from .metrics import METRICS, classification_metrics
 from .probe import linear_probe_scores
 from .supervised import Classifier, predict_scores, train_classifier
 
-__all__ = ["EvalPlan", "run_evaluation", "aggregate", "write_reports"]
+__all__ = ["EvalPlan", "run_evaluation", "aggregate", "markdown_table", "write_reports"]
 
 FROZEN = ("probe", "knn")
 TRAINED = ("finetune", "scratch", "resnet18")
+BASELINES = ("scratch", "resnet18", "pixels")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class EvalPlan:
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     seeds: int = 3
     methods: tuple[str, ...] = ("probe", "knn", "finetune")
-    baselines: tuple[str, ...] = ("scratch", "resnet18", "pixels")
+    baselines: tuple[str, ...] = BASELINES
     poolings: tuple[str, ...] = ("cls", "mean", "flatten")
     k: int = 20
     finetune_pooling: str = "cls"
@@ -58,7 +59,7 @@ class EvalPlan:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = (set(self.methods) - {"probe", "knn", "finetune"}) | (set(self.baselines) - {"scratch", "resnet18", "pixels"})
+        unknown = (set(self.methods) - {*FROZEN, "finetune"}) | (set(self.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown methods/baselines {sorted(unknown)}")
 
@@ -178,6 +179,16 @@ def _fmt(mean: float, std: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
+def markdown_table(table: list[dict], metric: str, fractions: list[float], columns: tuple[str, ...]) -> list[str]:
+    """Lines of a markdown table: one row per distinct ``columns`` value, ``metric`` mean ± std per fraction."""
+    lines = ["| " + " | ".join(columns) + " | " + " | ".join(f"{f:g} labels" for f in fractions) + " |",
+             "|" + "---|" * len(columns) + "---:|" * len(fractions)]
+    for key in dict.fromkeys(tuple(r[c] for c in columns) for r in table):
+        cells = {r["fraction"]: _fmt(r[metric], r[f"{metric}_std"]) for r in table if tuple(r[c] for c in columns) == key}
+        lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells.get(f, "") for f in fractions) + " |")
+    return lines
+
+
 def write_reports(result: dict, out: str | os.PathLike, title: str = "") -> list[Path]:
     """``results.json`` (records + table), ``results.md`` (one table per metric), ``results.png`` (metric vs fraction)."""
     from ..viz.figure import save_figure
@@ -191,34 +202,14 @@ def write_reports(result: dict, out: str | os.PathLike, title: str = "") -> list
     lines = [f"# {title or 'Evaluation'}", "", f"Reported on the **{result['split']}** split; mean ± std over "
              f"{result['plan']['seeds']} seeds; same label subsets for every row.", ""]
     for metric in METRICS:
-        lines += [f"## {metric}", "", "| method | pooling | " + " | ".join(f"{f:g} labels" for f in fractions) + " |",
-                  "|---|---|" + "---:|" * len(fractions)]
-        for key in dict.fromkeys((r["method"], r["pooling"]) for r in table):
-            cells = {r["fraction"]: _fmt(r[metric], r[f"{metric}_std"]) for r in table if (r["method"], r["pooling"]) == key}
-            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells.get(f, "") for f in fractions) + " |")
-        lines.append("")
+        lines += [f"## {metric}", "", *markdown_table(table, metric, fractions, ("method", "pooling")), ""]
     (out / "results.md").write_text("\n".join(lines))
 
-    import matplotlib
+    from ..viz.curves import fraction_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4), squeeze=False)
-    for ax, metric in zip(axes[0], METRICS):
-        for key in dict.fromkeys((r["method"], r["pooling"]) for r in table):
-            rows = sorted((r for r in table if (r["method"], r["pooling"]) == key), key=lambda r: r["fraction"])
-            x = [r["fraction"] for r in rows]
-            y = np.array([r[metric] for r in rows])
-            s = np.array([r[f"{metric}_std"] for r in rows])
-            style = "--" if key[0] in ("scratch", "resnet18", "pixels") else "-"
-            ax.errorbar(x, y, yerr=s, marker="o", linestyle=style, capsize=3, label=key[0] if key[1] == "-" else f"{key[0]} ({key[1]})")
-        ax.set_xscale("log")
-        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
-        ax.set_xlabel("label fraction")
-        ax.set_title(f"{metric} ({result['split']})")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    if title:
-        fig.suptitle(title)
+    series = []
+    for key in dict.fromkeys((r["method"], r["pooling"]) for r in table):
+        label = key[0] if key[1] == "-" else f"{key[0]} ({key[1]})"
+        series.append((label, [r for r in table if (r["method"], r["pooling"]) == key], key[0] in BASELINES))
+    fig = fraction_curves([("", series)], METRICS, result["split"], title)
     return [out / "results.json", out / "results.md", save_figure(fig, out / "results.png")]
