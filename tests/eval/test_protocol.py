@@ -130,3 +130,21 @@ def test_a_killed_evaluation_resumes_from_its_journal(tmp_path, monkeypatch):
     assert len(path.read_text().splitlines()) == 1 + 6
     with pytest.raises(ValueError, match="another evaluation"):
         Journal(path, {"checkpoint": "b.pt", "plan": {"seeds": 1}})
+
+
+def test_finetune_pooling_reaches_the_classifier_from_the_command_line():
+    from medssl.cli import _plan, build_parser
+
+    args = build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--data", "d.npz", "--out", "o",
+                                      "--methods", "finetune", "--baselines", "", "--finetune-pooling", "mean"])
+    plan = _plan(args)
+    assert plan.finetune_pooling == "mean" and plan.baselines == ()
+    plan = EvalPlan(fractions=(1.0,), seeds=1, methods=plan.methods, baselines=(), finetune_pooling=plan.finetune_pooling, epochs=1)
+    seen = []
+
+    def encoder(pretrained):
+        net = ViT(2, 1, patch_size=4, size="micro", cls_token=False)  # mean pooling needs no CLS token
+        seen.append(pretrained)
+        return net
+    (record,) = run_evaluation(encoder, _splits(2), plan, progress=False)["records"]
+    assert (record["method"], record["pooling"]) == ("finetune", "mean") and seen == [True]
