@@ -72,8 +72,11 @@ def _pretrain_overrides(args) -> dict:
     return overrides
 
 
-def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False) -> Path:
-    """Run bundle ``bundle``'s train config into ``out``; records the settings in ``out/run.json``."""
+def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False, progress: bool = True) -> Path:
+    """Run bundle ``bundle``'s train config into ``out``; records the settings in ``out/run.json``.
+
+    ``progress=False`` hides the per-epoch bar (the epoch summary lines stay); it is not recorded.
+    """
     import json
 
     from .atomic import atomic_write
@@ -89,12 +92,12 @@ def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False
         overrides = {**saved["overrides"], **overrides}
     with atomic_write(record, "w") as f:
         f.write(json.dumps({"bundle": bundle, "overrides": overrides}, indent=2) + "\n")
-    run_bundle(bundle, "train", {**overrides, "output_dir": str(out), "resume": resume})
+    run_bundle(bundle, "train", {**overrides, "output_dir": str(out), "resume": resume, "progress": progress})
     return out
 
 
 def _pretrain(args) -> int:
-    out = pretrain(args.bundle, args.out, _pretrain_overrides(args), resume=args.resume)
+    out = pretrain(args.bundle, args.out, _pretrain_overrides(args), resume=args.resume, progress=not args.quiet)
     print(f"\nencoder:     {out / 'models' / 'model.pt'}\ncheckpoints: {out / 'models'}\n"
           f"pictures:    {out / 'pictures'}\nlogs:        {out / 'logs'}  (tensorboard --logdir {out / 'logs'})")
     return 0
@@ -180,7 +183,7 @@ def _benchmark(args) -> int:
     """Pretrain on the training images without their labels, then evaluate: does pretraining help here?"""
     out = Path(args.out).resolve()
     overrides = _pretrain_overrides(args)
-    run = pretrain(args.bundle, out / "pretrain", overrides)
+    run = pretrain(args.bundle, out / "pretrain", overrides, progress=not args.quiet)
     files = evaluate(run / "models" / "model.pt", args.data, out / "evaluation", args.bundle, _plan(args), progress=not args.quiet)
     print((out / "evaluation" / "results.md").read_text())
     print("\n".join(f"wrote {f}" for f in files))
@@ -247,7 +250,8 @@ def _demo(args) -> int:
     files = write_previews(result.entries, out / "preview", max_items=args.cases * 3, progress=not args.quiet)
     print("\npretraining a 3D MAE (ViT-Tiny, ViTDet windows) on the phantom CT series ...")
     run = pretrain("mae_ct_3d", out / "pretrain", {"dataset_dir": str(data / "ct_dicom"), "max_epochs": args.epochs,
-                                                   "picture_every": max(1, args.epochs // 4), "seed": args.seed})
+                                                   "picture_every": max(1, args.epochs // 4), "seed": args.seed},
+                   progress=not args.quiet)
     pictures = sorted((run / "pictures").glob("*.png"))
     print(f"\nphantoms:    {data}\ndatalist:    {datalist}\npreviews:    " + "\n             ".join(str(f) for f in files))
     print(f"encoder:     {run / 'models' / 'model.pt'}\ncheckpoints: {run / 'models'}\nlogs:        {run / 'logs'}\n"

@@ -64,14 +64,17 @@ def _tiny_npz(path, spatial_dims=2, n=24):
 
 
 @pytest.mark.parametrize("spatial_dims,bundle", [(2, "mae_xray_2d"), (3, "mae_ct_3d")])
-def test_pretrain_resume_and_embed_on_a_medmnist_npz(tmp_path, spatial_dims, bundle):
+def test_pretrain_resume_and_embed_on_a_medmnist_npz(tmp_path, spatial_dims, bundle, capsys):
     data = _tiny_npz(tmp_path / "tiny.npz", spatial_dims)
     run = tmp_path / "run"
     common = ["pretrain", "--bundle", bundle, "--data", str(data), "--out", str(run), "--size", "micro", "--batch-size", "8"]
     assert main(["-q", *common, "--max-epochs", "1"]) == 0
+    assert "%|" not in capsys.readouterr().err  # -q: no tqdm bar
     record = json.loads((run / "run.json").read_text())
     assert record["overrides"]["image_size"] == 28 and record["overrides"]["patch_size"] == 4
-    assert main(["-q", *common, "--max-epochs", "2", "--resume"]) == 0
+    assert "progress" not in record["overrides"]  # a display choice, not a training setting
+    assert main([*common, "--max-epochs", "2", "--resume"]) == 0
+    assert "%|" in capsys.readouterr().err  # without -q the epoch's bar is drawn
     assert (run / "models" / "checkpoint_00000006.pt").is_file()  # 3 steps per epoch, continued to epoch 2
     out = tmp_path / "emb.npz"
     assert main(["-q", "embed", "--checkpoint", str(run / "models" / "model.pt"), "--data", str(data), "--out", str(out)]) == 0

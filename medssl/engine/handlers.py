@@ -22,17 +22,18 @@ def scalars(output):
 
 
 class ProgressBar:
-    """ignite's tqdm progress bar over each epoch showing the loss, and one summary line per epoch."""
+    """ignite's tqdm progress bar over each epoch showing the loss (``bar``), and one summary line per epoch."""
 
-    def __init__(self, persist: bool = False, summary: bool = True) -> None:
-        self.persist, self.summary = persist, summary
+    def __init__(self, persist: bool = False, summary: bool = True, bar: bool = True) -> None:
+        self.persist, self.summary, self.bar = persist, summary, bar
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
     def attach(self, engine) -> None:
         from ignite.handlers import ProgressBar as IgniteBar
 
-        IgniteBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": out["loss"]})
+        if self.bar:
+            IgniteBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": out["loss"]})
         if self.summary:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
