@@ -2,10 +2,11 @@
 embeddings the identity, with MONAI's ``BarlowTwinsLoss``.
 
 Views come from the data pipeline (``batch["views"]``, ``(B, 2, C, *S)``). The projector is the
-paper's: 3 linear layers, BatchNorm and ReLU between them. Under DDP, batch statistics (the
-projector's BatchNorm and the loss's per-feature standardisation) are each rank's own: MONAI's
-loss builds the correlation matrix internally, so it is not all-reduced across ranks as in the
-paper's code; use a per-rank batch of at least a few dozen.
+paper's: 3 linear layers, BatchNorm and ReLU between them. Under DDP the embeddings of every rank
+are gathered (with gradients) before the loss, so the per-feature standardisation and the
+cross-correlation matrix are the global batch's, as the paper's code gets by all-reducing the
+matrix. The projector's BatchNorm statistics stay each rank's own (no SyncBatchNorm, which is
+CUDA-only): use a per-rank batch of at least a few dozen.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from .base import register_task
 from .heads import ProjectionMLP
-from .two_views import TwoViewTask
+from .two_views import TwoViewTask, gather_ranks
 
 __all__ = ["BarlowTwinsTask"]
 
@@ -40,4 +41,4 @@ class BarlowTwinsTask(TwoViewTask):
     def loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         if z1.shape[0] < 2:
             raise ValueError("Barlow Twins needs at least 2 images per batch (it standardises features over the batch)")
-        return self.loss_fn(z1, z2)
+        return self.loss_fn(gather_ranks(z1)[0], gather_ranks(z2)[0])

@@ -20,18 +20,9 @@ from torch import nn
 
 from .base import register_task
 from .heads import ProjectionMLP
-from .two_views import TwoViewTask
+from .two_views import TwoViewTask, gather_ranks
 
 __all__ = ["SimCLRTask", "nt_xent"]
-
-
-def _gather(z: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' ``z`` concatenated (gradients flow back to each rank's share), and this rank's offset."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return z, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z)), torch.distributed.get_rank() * z.shape[0]
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -42,8 +33,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     """
     z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
     b = z1.shape[0]
-    all1, offset = _gather(z1)
-    all2, _ = _gather(z2)
+    all1, offset = gather_ranks(z1)
+    all2, _ = gather_ranks(z2)
     n = all1.shape[0]
     candidates = torch.cat([all1, all2])  # (2N, D)
     logits = torch.cat([z1, z2]) @ candidates.T / temperature  # (2B, 2N)

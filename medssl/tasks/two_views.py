@@ -13,7 +13,21 @@ from torch import nn
 
 from .base import Task
 
-__all__ = ["TwoViewTask", "pair_views"]
+__all__ = ["TwoViewTask", "pair_views", "gather_ranks"]
+
+
+def gather_ranks(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All DDP ranks' ``z`` concatenated along the batch, and this rank's offset in it.
+
+    Gradients flow back to each rank's own share: the backward of the gather sums the ranks'
+    gradients, and DDP's averaging of parameter gradients then gives the global batch's gradient.
+    Without a process group (or with one rank) ``z`` is returned as it is.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return z, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z)), torch.distributed.get_rank() * z.shape[0]
 
 
 def pair_views(backbone: nn.Module, projector: nn.Module, views: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,3 +100,36 @@ def test_dino_centre_follows_the_teacher_and_prototypes_freeze_early():
     assert torch.allclose(task.center, 0.5 * centre + 0.5 * t_out.mean(0, keepdim=True), atol=1e-6)
     with pytest.raises(ValueError, match="at least 2 global views"):
         task({"views": views[:, :1]})
+
+
+def _two_rank_losses(rank, world, init_file, z1, z2, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    share = slice(rank * z1.shape[0] // world, (rank + 1) * z1.shape[0] // world)
+    barlow = BarlowTwinsTask(ViT(2, patch_size=4, size="micro"), hidden_dim=8, out_dim=8)
+    out = {}
+    for name, loss_fn in (("nt_xent", nt_xent), ("barlow", barlow.loss)):
+        a, b = z1[share].clone().requires_grad_(), z2[share].clone().requires_grad_()
+        loss = loss_fn(a, b)
+        loss.backward()
+        out[name] = (loss.detach(), a.grad, b.grad)
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_view_losses_under_ddp_are_the_global_batch_losses(tmp_path):
+    """Gathered across 2 gloo ranks, each loss (and its DDP-averaged gradient) is the one of the whole batch."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    torch.multiprocessing.spawn(_two_rank_losses, args=(2, tmp_path / "init", z1, z2, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    barlow = BarlowTwinsTask(ViT(2, patch_size=4, size="micro"), hidden_dim=8, out_dim=8)
+    for name, loss_fn, rank_loss in (("nt_xent", nt_xent, lambda ls: sum(ls) / 2), ("barlow", barlow.loss, lambda ls: ls[0])):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        full = loss_fn(a, b)
+        full.backward()
+        assert rank_loss([r[name][0] for r in ranks]).item() == pytest.approx(full.item(), rel=1e-5)
+        if name == "barlow":  # every rank sees the global correlation matrix
+            assert ranks[1][name][0].item() == pytest.approx(full.item(), rel=1e-5)
+        for r, share in enumerate((slice(0, 4), slice(4, 8))):  # DDP divides the summed gradients by the world size
+            torch.testing.assert_close(ranks[r][name][1] / 2, a.grad[share], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ranks[r][name][2] / 2, b.grad[share], rtol=1e-4, atol=1e-6)
