@@ -113,11 +113,22 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
     bar = tqdm(total=plan.seeds * len(plan.fractions) * per_run, desc="evaluation plan", unit="run", disable=not progress)
     records = []
 
-    def run(method, pooling, fraction, seed, compute):
-        """``compute() -> (n_train, scores)`` unless the journal already has this result."""
+    # Frozen-feature methods are deterministic given the label subset (unshuffled CV folds, lbfgs,
+    # exact kNN), and the 100 % subset is the same at every seed: each is computed once.
+    by_subset: dict[tuple, tuple] = {}
+
+    def run(method, pooling, fraction, seed, compute, subset: np.ndarray | None = None):
+        """``compute() -> (n_train, scores)`` unless the journal already has this result (or, for a
+        deterministic method, ``subset`` was already evaluated at another seed)."""
         done = journal.done.get((method, pooling, float(fraction), seed))
         if done is None:
-            n_train, scores = compute()
+            key = None if subset is None else (method, pooling, subset.tobytes())
+            if key in by_subset:
+                n_train, scores = by_subset[key]
+            else:
+                n_train, scores = compute()
+                if key is not None:
+                    by_subset[key] = (n_train, scores)
             done = {"method": method, "pooling": pooling, "fraction": fraction, "seed": seed, "split": report,
                     "n_train": int(n_train), **classification_metrics(yrep_np, scores)}
             journal.add(done)
@@ -134,10 +145,11 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
                         if method == "probe":
                             return len(idx), linear_probe_scores(ftr[idx], ytr_np[idx], frep, seed=seed)[0]
                         return len(idx), knn_scores(ftr[idx], ytr_np[idx], frep, k=plan.k, num_classes=num_classes)
-                    run(method, p, fraction, seed, frozen_scores)
+                    run(method, p, fraction, seed, frozen_scores, subset=idx)
             if "pixels" in plan.baselines:
                 run("pixels", "-", fraction, seed,
-                    lambda idx=idx, seed=seed: (len(idx), linear_probe_scores(pixels[0][idx], ytr_np[idx], pixels[1], seed=seed)[0]))
+                    lambda idx=idx, seed=seed: (len(idx), linear_probe_scores(pixels[0][idx], ytr_np[idx], pixels[1], seed=seed)[0]),
+                    subset=idx)
             trained = [m for m in ("finetune",) if m in plan.methods] + [m for m in ("scratch", "resnet18") if m in plan.baselines]
             for method in trained:
                 def supervised_scores(method=method, idx=idx, seed=seed):

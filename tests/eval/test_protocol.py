@@ -148,3 +148,24 @@ def test_finetune_pooling_reaches_the_classifier_from_the_command_line():
         return net
     (record,) = run_evaluation(encoder, _splits(2), plan, progress=False)["records"]
     assert (record["method"], record["pooling"]) == ("finetune", "mean") and seen == [True]
+
+
+def test_frozen_methods_on_the_full_label_set_are_computed_once_for_all_seeds(monkeypatch):
+    import medssl.eval.protocol as protocol
+
+    calls = []
+    real = protocol.linear_probe_scores
+
+    def counted(train_x, train_y, query_x, seed=0):
+        calls.append((train_x.shape, seed))
+        return real(train_x, train_y, query_x, seed=seed)
+    monkeypatch.setattr(protocol, "linear_probe_scores", counted)
+    plan = EvalPlan(fractions=(0.5, 1.0), seeds=3, methods=("probe",), baselines=("pixels",), poolings=("mean",))
+    records = run_evaluation(lambda pretrained: ViT(2, 1, patch_size=4, size="micro"), _splits(2), plan, progress=False)["records"]
+    assert len(records) == 3 * 2 * 2  # every (seed, fraction, method) is still recorded
+    full = [shape[0] == 60 for shape, _ in calls]  # 60 training images: the full label set
+    assert sum(full) == 2  # at 100 %: once for the probe, once for pixels, not once per seed
+    assert len(calls) == 2 + 3 * 2  # at 50 % the subsets differ by seed: computed each time
+    for method in ("probe", "pixels"):
+        at_full = [r for r in records if r["method"] == method and r["fraction"] == 1.0]
+        assert len({r["auc"] for r in at_full}) == 1 and [r["seed"] for r in at_full] == [0, 1, 2]
