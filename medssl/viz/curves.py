@@ -15,7 +15,9 @@ def fraction_curves(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[dic
 
     Each series is ``(label, rows, dashed)``: ``rows`` are aggregated table rows (``fraction``,
     ``<metric>``, ``<metric>_std``), or a dict of such lists per metric when the rows differ by metric
-    (best pooling per metric); drawn as mean with a ±std bar on a log fraction axis, baselines dashed. Returns the matplotlib figure (save it with :func:`save_figure`).
+    (best pooling per metric); drawn as mean with a ±std bar on a log fraction axis, baselines
+    dashed, each label in the same colour in every panel. Returns the matplotlib figure (save it
+    with :func:`save_figure`).
     """
     import matplotlib
 
@@ -26,6 +28,9 @@ def fraction_curves(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[dic
         return rows[metric] if isinstance(rows, dict) else rows
 
     fractions = sorted({r["fraction"] for _, series in panels for _, rows, _ in series for r in rows_of(rows, metrics[0])})
+    labels = list(dict.fromkeys(label for _, series in panels for label, _, _ in series))
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colour = {label: palette(i % palette.N) for i, label in enumerate(labels)}  # one colour per line in every panel
     fig, axes = plt.subplots(len(panels), len(metrics), figsize=(5 * len(metrics), 4 * len(panels)), squeeze=False)
     for axrow, (row_title, series) in zip(axes, panels):
         for ax, metric in zip(axrow, metrics):
@@ -33,7 +38,7 @@ def fraction_curves(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[dic
                 rows = sorted(rows_of(rows, metric), key=lambda r: r["fraction"])
                 ax.errorbar([r["fraction"] for r in rows], np.array([r[metric] for r in rows]),
                             yerr=np.array([r[f"{metric}_std"] for r in rows]), marker="o", capsize=3,
-                            linestyle="--" if dashed else "-", label=label)
+                            linestyle="--" if dashed else "-", color=colour[label], label=label)
             ax.set_xscale("log")
             ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
             ax.set_xlabel("label fraction")

@@ -81,3 +81,22 @@ def test_cli_compares_evaluation_folders_and_names_a_missing_one(tmp_path, capsy
     assert "nowhere: no results.json" in capsys.readouterr().err
     assert not (tmp_path / "cmp2").exists()
     assert np.isfinite([r["auc"] for r in table]).all()
+
+
+def test_a_line_keeps_its_colour_in_every_row_of_panels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from medssl.viz import curves
+
+    figures = []
+    real = curves.fraction_curves
+    monkeypatch.setattr(curves, "fraction_curves", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
+    monkeypatch.setattr("medssl.viz.figure.save_figure", lambda fig, path: path)
+    only_mae = {k: v for k, v in MAE.items() if k[0] != "knn"}  # pixels is the 2nd line in the knn row, the 3rd in the probe row
+    write_comparison(compare_results({"dino": _result(DINO), "mae": _result(only_mae)}), tmp_path)
+    colours = {}
+    for ax in figures[0].axes:
+        for bars in ax.containers:  # one ErrorbarContainer per drawn series
+            colours.setdefault(bars.get_label(), set()).add(bars.lines[0].get_color())
+    assert set(colours) == {"dino", "mae", "pixels", "scratch"} and all(len(c) == 1 for c in colours.values())
+    plt.close(figures[0])
