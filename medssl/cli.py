@@ -202,7 +202,8 @@ def _compare(args) -> int:
         if name in results:
             raise ValueError(f"two evaluations are named {name!r}: name them NAME=DIR")
         results[name] = load_results(path)
-    files = write_comparison(compare_results(results), args.out, title=args.title)
+    poolings = tuple(v.strip() for v in args.poolings.split(",") if v.strip()) if args.poolings else None
+    files = write_comparison(compare_results(results, poolings), args.out, title=args.title)
     print((Path(args.out) / "comparison.md").read_text())
     print("\n".join(f"wrote {f}" for f in files))
     return 0
@@ -350,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation folders (or results.json) of medssl evaluate; NAME defaults to the folder's parent")
     p.add_argument("--out", required=True, help="folder for comparison.json, comparison.md, comparison.png")
     p.add_argument("--title", default="")
+    p.add_argument("--poolings", help="compare only these poolings of the encoders, e.g. cls,mean (default: all)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("attention", help="attention maps of a pretrained encoder overlaid on images (PNG)")

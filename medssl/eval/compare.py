@@ -36,8 +36,12 @@ def load_results(path: str | os.PathLike) -> dict:
         raise ValueError(f"{file}: not a readable results.json ({err})") from None
 
 
-def compare_results(results: dict[str, dict]) -> dict:
-    """Merge ``{encoder name: results.json content}`` into one table with an ``encoder`` column."""
+def compare_results(results: dict[str, dict], poolings: tuple[str, ...] | None = None) -> dict:
+    """Merge ``{encoder name: results.json content}`` into one table with an ``encoder`` column.
+
+    ``poolings`` keeps only those poolings of the encoders' rows (baselines are kept), so
+    evaluations that ran different pooling sets compare on the ones they share.
+    """
     if not results:
         raise ValueError("nothing to compare: give at least one evaluation")
     names = list(results)
@@ -58,7 +62,7 @@ def compare_results(results: dict[str, dict]) -> dict:
                 if sources.setdefault(row["method"], name) != name:
                     continue  # already taken from an earlier input: same subsets, same seeds
                 table.append({**row, "encoder": "-"})
-            else:
+            elif poolings is None or row["pooling"] in poolings:
                 table.append({**row, "encoder": name})
     return {"data": first.get("data"), "split": first["split"], "plan": {k: first["plan"][k] for k in ("fractions", "seeds")},
             "encoders": {name: results[name].get("checkpoint") for name in names}, "baseline_sources": sources,

@@ -100,3 +100,11 @@ def test_a_line_keeps_its_colour_in_every_row_of_panels(tmp_path, monkeypatch):
             colours.setdefault(bars.get_label(), set()).add(bars.lines[0].get_color())
     assert set(colours) == {"dino", "mae", "pixels", "scratch"} and all(len(c) == 1 for c in colours.values())
     plt.close(figures[0])
+
+
+def test_pooling_filter_keeps_baselines_and_changes_the_best():
+    table = compare_results({"mae": _result(MAE), "dino": _result(DINO)}, poolings=("cls",))["table"]
+    assert {r["pooling"] for r in table if r["encoder"] != "-"} == {"cls"}
+    assert {r["method"] for r in table if r["encoder"] == "-"} == {"pixels", "scratch"}
+    assert [r["pooling"] for r in best_rows(table, "probe", "auc")["mae"]] == ["cls", "cls"]  # mean would win unfiltered
+    assert "knn" not in {r["method"] for r in table}  # knn ran with mean pooling only
