@@ -1,0 +1,187 @@
+"""Pretraining objectives at an equal budget (issue #5): MAE, DINO, SimCLR, Barlow Twins, cyclic MAE+DINO.
+
+For one labelled MedMNIST file (train/val), every objective pretrains the same encoder (ViT-Tiny,
+the file's own size and patch, global attention, the same batch, learning rate and schedule) on
+the training images without their labels, for the same **compute budget**: the budget in minutes
+times the objective's measured training speed on this machine gives its number of samples, hence
+its epochs. Then each encoder is evaluated with the linear probe and kNN at 1/10/100 % labels
+(``medssl evaluate``; the pixels baseline once, beside them), and ``medssl compare`` puts them side by
+side. The section written into ``--markdown`` holds the speeds, epochs, wall times, the comparison
+table, the plot and the issue's two targets checked on the 1 % AUC.
+
+Everything lands under ``--out`` and a killed run started again resumes: finished pretraining runs
+and evaluations are kept, an interrupted pretraining resumes from its last checkpoint, an
+interrupted evaluation from its journal.
+
+    python bench/objectives.py --data ../shared/data/medmnist/pneumoniamnist_28_trainval.npz \\
+        --out runs/objectives_pneumonia --markdown docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import write_block  # noqa: E402
+from task_throughput import batches, build, stepper  # noqa: E402
+
+# objective -> (label, bundle, settings): MAE, DINO and MAE+DINO share one bundle (mae_dino_ct_3d,
+# ``task_names`` picks the tasks), SimCLR and Barlow Twins the other (``method``).
+OBJECTIVES = {
+    "mae": ("MAE", "mae_dino_ct_3d", {"task_names": ["mae"]}),
+    "dino": ("DINO", "mae_dino_ct_3d", {"task_names": ["dino"]}),
+    "simclr": ("SimCLR", "simclr_xray_2d", {"method": "simclr"}),
+    "barlow": ("Barlow Twins", "simclr_xray_2d", {"method": "barlow"}),
+    "mae+dino": ("MAE+DINO", "mae_dino_ct_3d", {"task_names": ["mae", "dino"]}),
+}
+
+
+def measure_speed(objective: str, dims: int, size: int, patch: int, batch: int, rounds: int = 3) -> float:
+    """Training samples/s of ``objective`` at this configuration (median of ``rounds`` x 2 steps)."""
+    model, views = build(objective, dims, size, patch)
+    step = stepper(model, batches(views, dims, size, batch))
+    step(), step()  # warm-up
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step(), step()
+        times.append(time.perf_counter() - start)
+    return 2 * batch / statistics.median(times)
+
+
+def train_size(data: Path) -> int:
+    import numpy as np
+
+    with np.load(data, mmap_mode="r") as npz:
+        return len(npz["train_images"])
+
+
+def pretrain_once(objective: str, overrides: dict, out: Path) -> float:
+    """Pretrain into ``out`` unless done there; returns the wall seconds of this call."""
+    from medssl.cli import pretrain
+
+    _, bundle, settings = OBJECTIVES[objective]
+    if (out / "done.json").exists():
+        return json.loads((out / "done.json").read_text())["seconds"]
+    start = time.perf_counter()
+    resume = any((out / "models").glob("checkpoint_*.pt")) if (out / "models").exists() else False
+    pretrain(bundle, out, {**overrides, **settings}, resume=resume, progress=False)
+    seconds = time.perf_counter() - start
+    (out / "done.json").write_text(json.dumps({"seconds": seconds, "resumed": resume}) + "\n")
+    return seconds
+
+
+def best_auc(table: list[dict], encoder: str, method: str, fraction: float, metric: str = "auc") -> float:
+    values = [r[metric] for r in table if r["encoder"] == encoder and r["method"] == method and r["fraction"] == fraction]
+    return max(values) if values else float("nan")
+
+
+def targets(table: list[dict], labels: dict[str, str]) -> list[str]:
+    """The issue's two targets on the 1 % AUC (best pooling), for the probe and for kNN."""
+    lines = []
+    for method in ("probe", "knn"):
+        auc = {k: best_auc(table, labels[k], method, 0.01) for k in labels}
+        rival = max(("dino", "simclr", "barlow", "mae+dino"), key=lambda k: auc[k])
+        gain = 100 * (auc[rival] - auc["mae"])
+        parts = max(auc["mae"], auc["dino"])
+        lines.append(f"- {method}, 1 % labels, AUC: best contrastive/combined = {labels[rival]} {auc[rival]:.3f} vs MAE "
+                     f"{auc['mae']:.3f}: {gain:+.1f} points (target +3: {'met' if gain >= 3 else 'missed'}); "
+                     f"MAE+DINO {auc['mae+dino']:.3f} vs the better of MAE and DINO {parts:.3f} "
+                     f"({'met' if auc['mae+dino'] >= parts else 'missed'}).")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="MedMNIST .npz with train and val splits")
+    p.add_argument("--out", required=True, help="runs go to OUT/<objective>/{pretrain,evaluation}, the comparison to OUT/compare")
+    p.add_argument("--minutes", type=float, default=4.0, help="pretraining budget per objective at the measured speed")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--batch-size", type=int, help="default: 64 in 2D, 16 in 3D")
+    p.add_argument("--poolings", default="cls,mean")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--markdown", help="write the section into this file between <!-- objectives_<data> --> markers")
+    p.add_argument("--image", help="copy the comparison plot here (a path under docs/images/)")
+    args = p.parse_args()
+
+    from medssl.bundles import data_overrides
+    from medssl.cli import evaluate
+    from medssl.eval.compare import compare_results, load_results, write_comparison
+    from medssl.eval.protocol import EvalPlan
+
+    data, out = Path(args.data).resolve(), Path(args.out).resolve()
+    fit = data_overrides(data)
+    if not fit:
+        raise SystemExit(f"--data {data}: expected a MedMNIST .npz")
+    dims, size, patch = fit["spatial_dims"], fit["image_size"], fit["patch_size"]
+    batch = args.batch_size or (64 if dims == 2 else 16)
+    n_train, name = train_size(data), data.name.split("_")[0]
+    shown = name[0].upper() + name[1:].replace("mnist", "MNIST").replace("3d", "3D")  # adrenalmnist3d -> AdrenalMNIST3D
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    threads = torch.get_num_threads()
+
+    speed_file = out / "speeds.json"  # measured once, so a resumed run keeps its budget
+    speeds = json.loads(speed_file.read_text()) if speed_file.exists() else {}
+    for objective in objectives:
+        if objective not in speeds:
+            speeds[objective] = measure_speed(objective, dims, size, patch, batch)
+            out.mkdir(parents=True, exist_ok=True)
+            speed_file.write_text(json.dumps(speeds, indent=1) + "\n")
+        print(f"{objective:9} {speeds[objective]:7.1f} samples/s", flush=True)
+
+    common = {**fit, "batch_size": batch, "view_modality": "DX" if dims == 2 else "MR", "picture_every": 5}
+    runs, results = [], {}
+    for i, objective in enumerate(objectives):
+        label = OBJECTIVES[objective][0]
+        epochs = max(1, round(args.minutes * 60 * speeds[objective] / n_train))
+        home = out / objective.replace("+", "_")
+        seconds = pretrain_once(objective, {**common, "dataset_dir": str(data), "max_epochs": epochs}, home / "pretrain")
+        plan = EvalPlan(methods=("probe", "knn"), baselines=("pixels",) if i == 0 else (), seeds=args.seeds,
+                        poolings=tuple(args.poolings.split(",")))
+        evaluate(home / "pretrain" / "models" / "model.pt", data, home / "evaluation", plan=plan, progress=False)
+        results[label] = load_results(home / "evaluation")
+        runs.append((label, OBJECTIVES[objective][1], speeds[objective], epochs, epochs * n_train / (args.minutes * 60 * speeds[objective]),
+                     seconds))
+        print(f"{label}: {epochs} epochs, pretrained in {seconds / 60:.1f} min, evaluated", flush=True)
+
+    title = f"{shown}: objectives at an equal {args.minutes:g}-minute budget"
+    comparison = compare_results(results)
+    write_comparison(comparison, out / "compare", title=title)
+    labels = {o: OBJECTIVES[o][0] for o in objectives}
+    report = (out / "compare" / "comparison.md").read_text().split("\n## ")
+    auc_best = next(s for s in report if s.startswith("auc: best pooling"))
+    text = [f"{data.name}: {n_train} training images (labels unused), {dims}D {size} px, patch {patch}, batch {batch}, "
+            f"ViT-Tiny, global attention; {torch.get_num_threads()} threads at measurement ({threads} configured). "
+            f"Budget {args.minutes:g} min per objective at the measured speed; evaluation: probe and kNN, "
+            f"poolings {args.poolings}, {args.seeds} seeds, on the val split.", "",
+            "| objective | bundle | measured samples/s | epochs | share of budget | pretraining wall time (min) |",
+            "|---|---|---:|---:|---:|---:|"]
+    text += [f"| {lab} | `{b}` | {s:.1f} | {e} | {share:.2f} | {sec / 60:.1f} |" for lab, b, s, e, share, sec in runs]
+    text += ["", "AUC (val), best pooling per fraction:", "", *auc_best.split("\n")[2:], ""]
+    if set(labels) >= set(OBJECTIVES):
+        text += ["Targets:", "", *targets(comparison["table"], labels)]
+    if args.image:
+        shutil.copyfile(out / "compare" / "comparison.png", ROOT / args.image)
+        text += ["", f"![{title}]({Path(args.image).relative_to('docs') if args.image.startswith('docs/') else args.image})"]
+    text = "\n".join(text)
+    print("\n" + text)
+    if args.markdown:
+        command = (f"python bench/objectives.py --data {args.data} --out {args.out} --minutes {args.minutes:g}"
+                   + (f" --image {args.image}" if args.image else "") + f" --markdown {args.markdown}")
+        write_block(args.markdown, f"objectives_{name}", command, text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()
