@@ -162,13 +162,13 @@ def main() -> None:
     report = (out / "compare" / "comparison.md").read_text().split("\n## ")
     auc_best = next(s for s in report if s.startswith("auc: best pooling"))
     text = [f"{data.name}: {n_train} training images (labels unused), {dims}D {size} px, patch {patch}, batch {batch}, "
-            f"ViT-Tiny, global attention; {torch.get_num_threads()} threads at measurement ({threads} configured). "
+            f"ViT-Tiny, global attention, {threads} threads. "
             f"Budget {args.minutes:g} min per objective at the measured speed; evaluation: probe and kNN, "
             f"poolings {args.poolings}, {args.seeds} seeds, on the val split.", "",
             "| objective | bundle | measured samples/s | epochs | share of budget | pretraining wall time (min) |",
             "|---|---|---:|---:|---:|---:|"]
     text += [f"| {lab} | `{b}` | {s:.1f} | {e} | {share:.2f} | {sec / 60:.1f} |" for lab, b, s, e, share, sec in runs]
-    text += ["", "AUC (val), best pooling per fraction:", "", *auc_best.split("\n")[2:], ""]
+    text += ["", "AUC (val), best pooling per fraction:", "", *auc_best.strip().split("\n")[2:], ""]
     if set(labels) >= set(OBJECTIVES):
         text += ["Targets:", "", *targets(comparison["table"], labels)]
     if args.image:
