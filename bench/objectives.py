@@ -69,29 +69,30 @@ def train_size(data: Path) -> int:
 
 def pretrain_once(objective: str, overrides: dict, out: Path) -> float:
     """Pretrain into ``out`` unless done there; returns the wall seconds of this call."""
+    from medssl.atomic import atomic_write
     from medssl.cli import pretrain
+    from medssl.engine.checkpoint import latest_checkpoint
 
     _, bundle, settings = OBJECTIVES[objective]
     if (out / "done.json").exists():
         return json.loads((out / "done.json").read_text())["seconds"]
     start = time.perf_counter()
-    resume = any((out / "models").glob("checkpoint_*.pt")) if (out / "models").exists() else False
+    resume = latest_checkpoint(out / "models") is not None
     pretrain(bundle, out, {**overrides, **settings}, resume=resume, progress=False)
     seconds = time.perf_counter() - start
-    (out / "done.json").write_text(json.dumps({"seconds": seconds, "resumed": resume}) + "\n")
+    with atomic_write(out / "done.json", "w") as f:
+        f.write(json.dumps({"seconds": seconds, "resumed": resume}) + "\n")
     return seconds
-
-
-def best_auc(table: list[dict], encoder: str, method: str, fraction: float, metric: str = "auc") -> float:
-    values = [r[metric] for r in table if r["encoder"] == encoder and r["method"] == method and r["fraction"] == fraction]
-    return max(values) if values else float("nan")
 
 
 def targets(table: list[dict], labels: dict[str, str]) -> list[str]:
     """The issue's two targets on the 1 % AUC (best pooling), for the probe and for kNN."""
+    from medssl.eval.compare import best_rows
+
     lines = []
     for method in ("probe", "knn"):
-        auc = {k: best_auc(table, labels[k], method, 0.01) for k in labels}
+        best = best_rows(table, method, "auc")  # {encoder: its best-pooling row at each fraction}
+        auc = {k: next(r["auc"] for r in best[labels[k]] if r["fraction"] == 0.01) for k in labels}
         rival = max(("dino", "simclr", "barlow", "mae+dino"), key=lambda k: auc[k])
         gain = 100 * (auc[rival] - auc["mae"])
         parts = max(auc["mae"], auc["dino"])
@@ -117,7 +118,7 @@ def main() -> None:
 
     from medssl.bundles import data_overrides
     from medssl.cli import evaluate
-    from medssl.eval.compare import compare_results, load_results, write_comparison
+    from medssl.eval.compare import best_table, compare_results, load_results, write_comparison
     from medssl.eval.protocol import EvalPlan
 
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
@@ -159,8 +160,6 @@ def main() -> None:
     comparison = compare_results(results)
     write_comparison(comparison, out / "compare", title=title)
     labels = {o: OBJECTIVES[o][0] for o in objectives}
-    report = (out / "compare" / "comparison.md").read_text().split("\n## ")
-    auc_best = next(s for s in report if s.startswith("auc: best pooling"))
     text = [f"{data.name}: {n_train} training images (labels unused), {dims}D {size} px, patch {patch}, batch {batch}, "
             f"ViT-Tiny, global attention, {threads} threads. "
             f"Budget {args.minutes:g} min per objective at the measured speed; evaluation: probe and kNN, "
@@ -168,12 +167,14 @@ def main() -> None:
             "| objective | bundle | measured samples/s | epochs | share of budget | pretraining wall time (min) |",
             "|---|---|---:|---:|---:|---:|"]
     text += [f"| {lab} | `{b}` | {s:.1f} | {e} | {share:.2f} | {sec / 60:.1f} |" for lab, b, s, e, share, sec in runs]
-    text += ["", "AUC (val), best pooling per fraction:", "", *auc_best.strip().split("\n")[2:], ""]
+    text += ["", "AUC (val), best pooling per fraction:", "", *best_table(comparison["table"], "auc"), ""]
     if set(labels) >= set(OBJECTIVES):
         text += ["Targets:", "", *targets(comparison["table"], labels)]
     if args.image:
-        shutil.copyfile(out / "compare" / "comparison.png", ROOT / args.image)
-        text += ["", f"![{title}]({Path(args.image).relative_to('docs') if args.image.startswith('docs/') else args.image})"]
+        image = ROOT / args.image
+        shutil.copyfile(out / "compare" / "comparison.png", image)
+        link = os.path.relpath(image, Path(args.markdown).resolve().parent) if args.markdown else image
+        text += ["", f"![{title}]({link})"]
     text = "\n".join(text)
     print("\n" + text)
     if args.markdown:

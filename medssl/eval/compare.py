@@ -21,7 +21,7 @@ from ..atomic import atomic_write
 from .metrics import METRICS
 from .protocol import BASELINES, markdown_table
 
-__all__ = ["load_results", "compare_results", "best_rows", "write_comparison"]
+__all__ = ["load_results", "compare_results", "best_rows", "best_table", "write_comparison"]
 
 
 def load_results(path: str | os.PathLike) -> dict:
@@ -81,6 +81,15 @@ def best_rows(table: list[dict], method: str, metric: str) -> dict[str, list[dic
     return {enc: [rows[f] for f in sorted(rows)] for enc, rows in best.items()}
 
 
+def best_table(table: list[dict], metric: str) -> list[str]:
+    """Markdown lines: per method, each encoder's best pooling at each fraction for ``metric``, baselines last."""
+    fractions = sorted({r["fraction"] for r in table})
+    methods = [m for m in dict.fromkeys(r["method"] for r in table) if m not in BASELINES]
+    best = [r for m in methods for rows in best_rows(table, m, metric).values() for r in rows]
+    baselines = [r for r in table if r["method"] in BASELINES]
+    return markdown_table(best + baselines, metric, fractions, ("encoder", "method"))
+
+
 def write_comparison(comparison: dict, out: str | os.PathLike, title: str = "") -> list[Path]:
     """``comparison.json``, ``comparison.md`` (best rows first, then every row) and ``comparison.png``."""
     from ..viz.curves import fraction_curves
@@ -100,8 +109,7 @@ def write_comparison(comparison: dict, out: str | os.PathLike, title: str = "") 
              f"seeds; the same label subsets for every row. Baselines: {sources}. Best = the pooling with the highest "
              "mean at that fraction.", ""]
     for metric in METRICS:
-        best = [r for m in methods for rows in best_rows(table, m, metric).values() for r in rows]
-        lines += [f"## {metric}: best pooling", "", *markdown_table(best + baselines, metric, fractions, ("encoder", "method")), ""]
+        lines += [f"## {metric}: best pooling", "", *best_table(table, metric), ""]
     for metric in METRICS:
         lines += [f"## {metric}: every pooling", "", *markdown_table(table, metric, fractions, ("encoder", "method", "pooling")), ""]
     (out / "comparison.md").write_text("\n".join(lines))
