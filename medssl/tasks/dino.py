@@ -13,7 +13,11 @@ every view, the output distribution a teacher gives on the *other* global views:
   DDP ranks) and sharpening (teacher temperature, warmed up from ``warmup_teacher_temp``);
 - the prototypes get no gradient for the first ``freeze_prototypes`` share of training.
 
-The teacher never receives gradients (``requires_grad=False``) and always runs in eval mode.
+The teacher never receives gradients (``requires_grad=False``); its backbone always runs in eval
+mode. A fresh ViT gives almost the same embedding for every image (cosine similarity above 0.99
+on PneumoniaMNIST), so the centred teacher carries almost no signal and DINO can sit at the
+uniform solution (loss ``ln out_dim``) for a long time; ``head_batch_norm`` and ``koleo_weight``
+are the two levers against that (see docs/pretraining.md).
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Task, register_task
 from .heads import DINOHead
 
-__all__ = ["DINOTask", "teacher_temperature", "ema_momentum"]
+__all__ = ["DINOTask", "koleo_loss", "teacher_temperature", "ema_momentum"]
 
 
 def teacher_temperature(progress: float, warmup_temp: float, temp: float, warmup: float) -> float:
@@ -42,6 +47,19 @@ def ema_momentum(progress: float, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
 
 
+def koleo_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al., 2019; used by DINOv2): ``-mean log`` of each
+    L2-normalised embedding's distance to its nearest neighbour in the batch. It pushes the
+    embeddings of different images apart, which DINO's centring alone cannot do when they start
+    almost identical (a freshly initialised ViT gives a cosine similarity above 0.99)."""
+    z = F.normalize(z, dim=-1, eps=eps)
+    with torch.no_grad():
+        sim = z @ z.T
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(-1)
+    return -torch.log((z - z[nearest]).norm(dim=-1) + eps).mean()
+
+
 def _views_first(x: torch.Tensor) -> torch.Tensor:
     """``(B, V, C, *S) -> (V * B, C, *S)`` with views outermost, so ``chunk(V)`` splits by view."""
     return x.transpose(0, 1).flatten(0, 1)
@@ -52,7 +70,9 @@ class DINOTask(Task):
     """DINO on ``backbone`` (a :class:`~medssl.models.ViT`).
 
     Args:
-        out_dim, hidden_dim, bottleneck_dim: the :class:`DINOHead`.
+        out_dim, hidden_dim, bottleneck_dim, head_batch_norm: the :class:`DINOHead`. With
+            ``head_batch_norm`` the teacher's head normalises with its own batch statistics, as the
+            reference's teacher does (it is never put in eval mode there).
         pooling: backbone output fed to the head (default ``"cls"`` with a CLS token, else ``"mean"``).
         student_temp: student softmax temperature (0.1).
         teacher_temp, warmup_teacher_temp, teacher_temp_warmup: teacher temperature, warmed up
@@ -60,6 +80,8 @@ class DINOTask(Task):
         momentum: teacher EMA momentum at the start (cosine to 1).
         center_momentum: EMA momentum of the centre.
         freeze_prototypes: share of training during which the prototypes are not trained.
+        koleo_weight: weight of the :func:`koleo_loss` on the student's pooled global-view
+            embeddings (DINOv2 uses 0.1; 0 turns it off).
     """
 
     required_keys = ("views",)
@@ -68,12 +90,13 @@ class DINOTask(Task):
                  pooling: str | None = None, student_temp: float = 0.1, teacher_temp: float = 0.07,
                  warmup_teacher_temp: float = 0.04, teacher_temp_warmup: float = 0.3, momentum: float = 0.996,
                  center_momentum: float = 0.9, freeze_prototypes: float = 0.01, views_key: str = "views",
-                 local_key: str = "local_views") -> None:
+                 local_key: str = "local_views", koleo_weight: float = 0.0,
+                 head_batch_norm: bool = False) -> None:
         super().__init__(backbone)
         if not 0.0 <= momentum <= 1.0 or not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"momentum and center_momentum must lie in [0, 1], got {momentum}, {center_momentum}")
         self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
-        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, batch_norm=head_batch_norm)
         self.teacher = copy.deepcopy(backbone)
         self.teacher_head = copy.deepcopy(self.head)
         for p in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
@@ -83,15 +106,18 @@ class DINOTask(Task):
         self.teacher_temp_warmup, self.momentum, self.center_momentum = teacher_temp_warmup, momentum, center_momentum
         self.freeze_prototypes, self.views_key, self.local_key = freeze_prototypes, views_key, local_key
         self.required_keys = (views_key,)
+        self.koleo_weight = koleo_weight
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()
-        self.teacher_head.eval()
+        self.teacher.eval()  # no drop-path in the teacher
+        self.teacher_head.train(mode)  # batch statistics in a BatchNorm head, like the student's
         return self
 
-    def _student(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.embed(x, self.pooling), freeze_prototypes=self.progress < self.freeze_prototypes)
+    def _student(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled embedding, prototype logits) of the student on ``x``."""
+        z = self.backbone.embed(x, self.pooling)
+        return z, self.head(z, freeze_prototypes=self.progress < self.freeze_prototypes)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         views = batch[self.views_key]  # (B, G, C, *S)
@@ -101,10 +127,11 @@ class DINOTask(Task):
         global_x = _views_first(views)
         with torch.no_grad():
             t_out = self.teacher_head(self.teacher.embed(global_x, self.pooling)).float()  # (G * B, K)
-        s_out = [self._student(global_x).float()]
+        s_emb, s_global = self._student(global_x)
+        s_out = [s_global.float()]
         local = batch.get(self.local_key)
         if local is not None and local.shape[1] > 0:
-            s_out.append(self._student(_views_first(local)).float())
+            s_out.append(self._student(_views_first(local))[1].float())
         s_out = torch.cat(s_out).div(self.student_temp).log_softmax(-1).chunk(n_global + (0 if local is None else local.shape[1]))
 
         temp = teacher_temperature(self.progress, self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp_warmup)
@@ -116,9 +143,14 @@ class DINOTask(Task):
                     loss = loss + (-q * log_p).sum(-1).mean()
                     terms += 1
         loss = loss / terms
+        out = {"dino_loss": loss.detach()}
+        if self.koleo_weight:
+            koleo = sum(koleo_loss(e) for e in s_emb.float().chunk(n_global)) / n_global
+            loss = loss + self.koleo_weight * koleo
+            out["koleo"] = koleo.detach()
         self._update_center(t_out)
         entropy = -(t_prob[0] * t_prob[0].clamp_min(1e-12).log()).sum(-1).mean() / math.log(t_out.shape[1])
-        return {"loss": loss, "teacher_entropy": entropy.detach(), "teacher_temp": torch.tensor(temp)}
+        return {"loss": loss, **out, "teacher_entropy": entropy.detach(), "teacher_temp": torch.tensor(temp)}
 
     @torch.no_grad()
     def _update_center(self, t_out: torch.Tensor) -> None:

@@ -52,17 +52,22 @@ class DINOHead(nn.Module):
         out_dim: number of prototypes (65536 in the reference for ImageNet; a few thousand suit a
             small medical set).
         hidden_dim, bottleneck_dim, layers: the MLP (3 layers, GELU, as the reference).
+        batch_norm: BatchNorm1d after the hidden layers (the reference's ``use_bn_in_head``). It
+            rescales the differences between images to unit variance, which a fresh ViT's
+            near-identical embeddings need to give the teacher any signal at all.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 1024, bottleneck_dim: int = 256, layers: int = 3) -> None:
+    def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 1024, bottleneck_dim: int = 256, layers: int = 3,
+                 batch_norm: bool = False) -> None:
         super().__init__()
-        self.mlp = ProjectionMLP(in_dim, hidden_dim, bottleneck_dim, layers=layers, batch_norm=False, activation="gelu")
+        self.mlp = ProjectionMLP(in_dim, hidden_dim, bottleneck_dim, layers=layers, batch_norm=batch_norm, activation="gelu")
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, freeze_prototypes: bool = False) -> torch.Tensor:
         z = F.normalize(self.mlp(x), dim=-1)

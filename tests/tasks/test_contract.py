@@ -87,6 +87,11 @@ class TestDINO(TaskContract):
         return multi_crop(spatial_dims, SIZE, LOCAL, n_local=2)
 
 
+class TestDINOWithSpreadingAids(TestDINO):
+    def make_task(self, backbone):
+        return DINOTask(backbone, out_dim=64, hidden_dim=32, bottleneck_dim=16, head_batch_norm=True, koleo_weight=0.1)
+
+
 class TestSimCLR(TaskContract):
     def make_task(self, backbone):
         return SimCLRTask(backbone, hidden_dim=32, out_dim=16)

@@ -10,7 +10,7 @@ from monai.losses import ContrastiveLoss
 
 from medssl.models import ViT
 from medssl.tasks import BarlowTwinsTask, DINOTask, nt_xent
-from medssl.tasks.dino import ema_momentum, teacher_temperature
+from medssl.tasks.dino import ema_momentum, koleo_loss, teacher_temperature
 
 
 def test_nt_xent_by_hand():
@@ -72,7 +72,7 @@ def test_ema_update_is_exact():
 def test_dino_teacher_gets_no_gradient_and_moves_only_by_ema():
     task = _dino()
     task.train()
-    assert not task.teacher.training and not task.teacher_head.training
+    assert not task.teacher.training  # the teacher backbone never drops paths
     task.step_start(0.5)
     views = torch.rand(3, 2, 1, 16, 16)
     out = task({"views": views, "local_views": torch.rand(3, 2, 1, 8, 8)})
@@ -100,6 +100,41 @@ def test_dino_centre_follows_the_teacher_and_prototypes_freeze_early():
     assert torch.allclose(task.center, 0.5 * centre + 0.5 * t_out.mean(0, keepdim=True), atol=1e-6)
     with pytest.raises(ValueError, match="at least 2 global views"):
         task({"views": views[:, :1]})
+
+
+def test_koleo_by_hand():
+    # three unit vectors at 0, 90 and 180 degrees: every nearest neighbour lies at distance sqrt(2)
+    z = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]], requires_grad=True)
+    loss = koleo_loss(z)
+    assert loss.item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    # embeddings that bunch up cost more than spread ones
+    close = torch.tensor([[1.0, 0.0], [1.0, 0.01], [1.0, -0.01]])
+    assert koleo_loss(close).item() > loss.item() + 3
+
+
+def test_dino_koleo_adds_to_the_loss():
+    task = _dino(koleo_weight=0.5)
+    task.step_start(0.5)
+    out = task({"views": torch.rand(4, 2, 1, 16, 16)})
+    assert out["loss"].item() == pytest.approx(out["dino_loss"].item() + 0.5 * out["koleo"].item(), rel=1e-5)
+    assert "koleo" not in _dino()({"views": torch.rand(4, 2, 1, 16, 16)})
+
+
+def test_dino_head_batch_norm_gives_the_teacher_a_signal_on_near_identical_images():
+    # a fresh ViT maps similar images to almost the same embedding; the BatchNorm head rescales
+    # their differences, so the teacher's logits differ between images by far more
+    torch.manual_seed(0)
+    images = 0.5 + 0.01 * torch.randn(8, 1, 16, 16)
+    spread = {}
+    for bn in (False, True):
+        task = _dino(head_batch_norm=bn).train()
+        assert task.teacher_head.training  # batch statistics, as the reference teacher
+        with torch.no_grad():
+            logits = task.teacher_head(task.teacher.embed(images, "cls"))
+        spread[bn] = float(logits.std(0).mean())
+    assert spread[True] > 10 * spread[False]
 
 
 def _two_rank_losses(rank, world, init_file, z1, z2, out_dir):
