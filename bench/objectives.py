@@ -112,12 +112,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, help="default: 64 in 2D, 16 in 3D")
     p.add_argument("--poolings", default="cls,mean")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a bundle setting for every objective, e.g. --set koleo_weight=0.1 (keys a bundle lacks are ignored by it)")
     p.add_argument("--markdown", help="write the section into this file between <!-- objectives_<data> --> markers")
     p.add_argument("--image", help="copy the comparison plot here (a path under docs/images/)")
     args = p.parse_args()
 
     from medssl.bundles import data_overrides
-    from medssl.cli import evaluate
+    from medssl.cli import parse_sets, evaluate
     from medssl.eval.compare import best_table, compare_results, load_results, write_comparison
     from medssl.eval.protocol import EvalPlan
 
@@ -141,7 +143,7 @@ def main() -> None:
             speed_file.write_text(json.dumps(speeds, indent=1) + "\n")
         print(f"{objective:9} {speeds[objective]:7.1f} samples/s", flush=True)
 
-    common = {**fit, "batch_size": batch, "view_modality": "DX" if dims == 2 else "MR", "picture_every": 5}
+    common = {**fit, "batch_size": batch, "view_modality": "DX" if dims == 2 else "MR", "picture_every": 5, **parse_sets(args.set or [])}
     runs, results = [], {}
     for i, objective in enumerate(objectives):
         label = OBJECTIVES[objective][0]

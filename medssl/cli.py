@@ -44,7 +44,7 @@ def _phantoms(args) -> int:
     return 0
 
 
-def _parse_sets(pairs: list[str]) -> dict:
+def parse_sets(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings -> overrides; values parse as YAML (numbers, null, lists)."""
     import yaml
 
@@ -68,7 +68,7 @@ def _pretrain_overrides(args) -> dict:
     flags = {"max_epochs": args.max_epochs, "batch_size": args.batch_size, "num_workers": args.workers,
              "vit_size": args.size, "image_size": args.image_size, "patch_size": args.patch_size, "seed": args.seed}
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides.update(_parse_sets(args.set))
+    overrides.update(parse_sets(args.set))
     return overrides
 
 
@@ -112,7 +112,7 @@ def _embed(args) -> int:
     bundle, overrides = _run_record(ckpt, args.bundle)
     overrides.update({k: v for k, v in data_overrides(args.data).items() if k not in overrides})
     overrides.update(dataset_dir=str(Path(args.data).resolve()), ckpt_path=str(ckpt), embeddings_file=str(Path(args.out).resolve()),
-                     pooling=args.pooling, output_dir=str(Path(args.out).resolve().parent), **_parse_sets(args.set))
+                     pooling=args.pooling, output_dir=str(Path(args.out).resolve().parent), **parse_sets(args.set))
     run_bundle(bundle, "inference", overrides)
     print(f"wrote {args.out}")
     return 0
