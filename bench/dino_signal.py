@@ -15,24 +15,27 @@ MedMNIST file, prints per pooling and head variant:
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medssl.bundles import data_overrides
+from medssl.models import ViT
+from medssl.tasks import DINOTask
+from medssl.tasks.dino import normalised_entropy
 
-def signal(data: str, n: int, pooling: str, batch_norm: bool, temp: float, seed: int = 0) -> tuple[float, float, float]:
-    from medssl.bundles import data_overrides
-    from medssl.models import ViT
-    from medssl.tasks import DINOTask
 
-    fit = data_overrides(data)
+def load_images(data: str, n: int) -> torch.Tensor:
+    """The first ``n`` training images, ``(N, 1, *S)`` in [0, 1] as the pipeline gives them."""
     with np.load(data, mmap_mode="r") as npz:
-        images = torch.as_tensor(np.asarray(npz["train_images"][:n]), dtype=torch.float32) / 255.0
-    images = images[:, None]  # (N, 1, *S), as the pipeline gives them: [0, 1]
+        return torch.as_tensor(np.asarray(npz["train_images"][:n]), dtype=torch.float32)[:, None] / 255.0
+
+
+def signal(images: torch.Tensor, patch_size: int, pooling: str, batch_norm: bool, temp: float,
+           seed: int = 0) -> tuple[float, float, float]:
     torch.manual_seed(seed)
-    vit = ViT(fit["spatial_dims"], 1, patch_size=fit["patch_size"], size="tiny")
+    vit = ViT(images.ndim - 2, 1, patch_size=patch_size, size="tiny")
     task = DINOTask(vit, pooling=pooling, head_batch_norm=batch_norm).train()
     with torch.no_grad():
         z = task.teacher.embed(images, pooling)
@@ -40,8 +43,7 @@ def signal(data: str, n: int, pooling: str, batch_norm: bool, temp: float, seed:
         zn = F.normalize(z, dim=-1)
         cos = (zn @ zn.T)[~torch.eye(len(z), dtype=torch.bool)].mean()
         centred = (logits - logits.mean(0)) / temp  # the centre once it has caught up with the batch mean
-        q = centred.softmax(-1)
-        entropy = -(q * q.clamp_min(1e-12).log()).sum(-1).mean() / math.log(q.shape[1])
+        entropy = normalised_entropy(centred.softmax(-1))
     return float(cos), float(centred.std(0).mean()), float(entropy)
 
 
@@ -51,11 +53,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256, help="images")
     p.add_argument("--teacher-temp", type=float, default=0.04, help="the teacher temperature at the start of training")
     args = p.parse_args()
+    images, patch_size = load_images(args.data, args.n), data_overrides(args.data)["patch_size"]
     print("| pooling | head | embedding cosine | teacher logit spread / temperature | teacher entropy |")
     print("|---|---|---:|---:|---:|")
     for pooling in ("cls", "mean"):
         for bn in (False, True):
-            cos, spread, entropy = signal(args.data, args.n, pooling, bn, args.teacher_temp)
+            cos, spread, entropy = signal(images, patch_size, pooling, bn, args.teacher_temp)
             print(f"| {pooling} | {'BatchNorm' if bn else 'plain'} | {cos:.4f} | {spread:.3f} | {entropy:.3f} |", flush=True)
 
 

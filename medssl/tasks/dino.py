@@ -32,7 +32,7 @@ from torch import nn
 from .base import Task, register_task
 from .heads import DINOHead
 
-__all__ = ["DINOTask", "koleo_loss", "teacher_temperature", "ema_momentum"]
+__all__ = ["DINOTask", "koleo_loss", "normalised_entropy", "teacher_temperature", "ema_momentum"]
 
 
 def teacher_temperature(progress: float, warmup_temp: float, temp: float, warmup: float) -> float:
@@ -45,6 +45,11 @@ def teacher_temperature(progress: float, warmup_temp: float, temp: float, warmup
 def ema_momentum(progress: float, base: float) -> float:
     """Cosine schedule of the teacher momentum: ``base`` at the start, 1 at the end."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
+
+
+def normalised_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the distributions ``p`` ``(N, K)`` over ``ln K``: 1 = uniform, 0 = one-hot."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(p.shape[-1])
 
 
 def koleo_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -149,8 +154,7 @@ class DINOTask(Task):
             loss = loss + self.koleo_weight * koleo
             out["koleo"] = koleo.detach()
         self._update_center(t_out)
-        entropy = -(t_prob[0] * t_prob[0].clamp_min(1e-12).log()).sum(-1).mean() / math.log(t_out.shape[1])
-        return {"loss": loss, **out, "teacher_entropy": entropy.detach(), "teacher_temp": torch.tensor(temp)}
+        return {"loss": loss, **out, "teacher_entropy": normalised_entropy(t_prob[0]).detach(), "teacher_temp": torch.tensor(temp)}
 
     @torch.no_grad()
     def _update_center(self, t_out: torch.Tensor) -> None:
