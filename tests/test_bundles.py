@@ -46,6 +46,18 @@ def test_bundle_layout_and_metadata(name):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
+def test_train_and_inference_build_the_same_encoder_from_the_same_settings(name):
+    from medssl.bundles import bundle_parser
+
+    settings = dict(TINY[name], pixel_mean=0.5, pixel_std=0.25)
+    nets = [bundle_parser(name, settings, config).get_parsed_content("network_def", lazy=False) for config in ("train", "inference")]
+    for net in nets:
+        assert (net.pixel_mean, net.pixel_std, net.patch_size[0], net.window_size[0]) == (
+            (0.5,), (0.25,), TINY[name]["patch_size"], TINY[name]["window_size"])
+    assert nets[0].state_dict().keys() == nets[1].state_dict().keys()
+
+
+@pytest.mark.parametrize("name", BUNDLES)
 def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch):
     from monai.bundle import ckpt_export
 

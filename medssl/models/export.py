@@ -43,7 +43,7 @@ def monai_vit_state_dict(model: ViT, img_size: int | Sequence[int], cls_token: b
     _check(model)
     grid = model.grid_size(ensure_tuple_rep(img_size, model.spatial_dims))
     out: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict().items():
+    for name, value in {**model.state_dict(), **_folded_patch_embed(model)}.items():
         if name.startswith("patch_embed."):
             name = name.replace("patch_embed.", "patch_embedding.patch_embeddings.")
         elif name == "cls_token" and not cls_token:
@@ -52,6 +52,16 @@ def monai_vit_state_dict(model: ViT, img_size: int | Sequence[int], cls_token: b
     pos = model.pos_embed(grid, torch.device("cpu")).unsqueeze(0)  # (1, N, D)
     out["patch_embedding.position_embeddings"] = pos.clone()
     return out
+
+
+def _folded_patch_embed(model: ViT) -> dict[str, torch.Tensor]:
+    """The patch projection with the input standardisation folded in (MONAI's ViT has none):
+    ``W (x - m) / s + b = (W / s) x + (b - sum W m / s)``, exact because patches do not overlap."""
+    w, b = model.patch_embed.weight.detach(), model.patch_embed.bias.detach()
+    view = (1, -1, *[1] * model.spatial_dims)
+    mean, std = torch.tensor(model.pixel_mean, dtype=w.dtype).view(view), torch.tensor(model.pixel_std, dtype=w.dtype).view(view)
+    w = w / std
+    return {"patch_embed.weight": w, "patch_embed.bias": b - (w * mean).flatten(1).sum(1)}
 
 
 def to_monai_vit(model: ViT, img_size: int | Sequence[int]):

@@ -7,7 +7,11 @@
 - window attention without shift, with global attention every ``global_every``-th block and always
   in the last block (so a CLS token sees the whole image before pooling);
   ``window_size=None`` is a plain global ViT;
-- optional CLS token; ``forward(x, keep)`` runs on the visible tokens only (masked pretraining).
+- optional CLS token; ``forward(x, keep)`` runs on the visible tokens only (masked pretraining);
+- optional input standardisation ``(x - pixel_mean) / pixel_std`` inside the model (as ViTDet's
+  detectron2 models do), so a checkpoint carries the convention it was trained with. Images from
+  the pipeline are in [0, 1]; their shared offset otherwise dominates a fresh ViT's embeddings
+  (``bench/dino_signal.py``).
 
 Windows and masking: tokens are kept in window-major order (:class:`~medssl.models.windows.WindowLayout`).
 With windows, ``keep`` must hold the same number of slots for every window, window by window
@@ -52,12 +56,15 @@ class ViT(nn.Module):
         global_every: with windows, every ``global_every``-th block attends globally.
         cls_token: prepend a learned CLS token.
         drop_path: stochastic depth rate at the last block (linear from 0).
+        pixel_mean, pixel_std: the input is standardised as ``(x - pixel_mean) / pixel_std`` first
+            (a number, or one per channel); the defaults leave it as it is.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, patch_size: int | Sequence[int] = 16, size: str = "tiny",
                  embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0,
                  window_size: int | Sequence[int] | None = None, global_every: int = 4, cls_token: bool = True,
-                 qkv_bias: bool = True, drop_path: float = 0.0, pos_temperature: float = 10000.0) -> None:
+                 qkv_bias: bool = True, drop_path: float = 0.0, pos_temperature: float = 10000.0,
+                 pixel_mean: float | Sequence[float] = 0.0, pixel_std: float | Sequence[float] = 1.0) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -80,6 +87,7 @@ class ViT(nn.Module):
         self.global_blocks = tuple(self.window_size is None or (i + 1) % global_every == 0 or i == self.depth - 1
                                    for i in range(self.depth))
         self.norm = nn.LayerNorm(d)
+        self.pixel_mean, self.pixel_std = self._pixel_stats(pixel_mean, pixel_std)
         self._pos_cache: dict = {}
         self._layout_cache: dict = {}
         self._init_weights()
@@ -99,6 +107,20 @@ class ViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def _pixel_stats(self, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        mean, std = (tuple(float(v) for v in ensure_tuple_rep(a, self.in_channels)) for a in (mean, std))
+        if any(v <= 0 for v in std):
+            raise ValueError(f"pixel_std must be positive, got {std}")
+        for name, buf in (("_mean", mean), ("_std", std)):  # not in the state dict: old checkpoints still load
+            self.register_buffer(name, torch.tensor(buf).view(1, -1, *[1] * self.spatial_dims), persistent=False)
+        return mean, std
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - pixel_mean) / pixel_std`` (``x`` itself with the defaults)."""
+        if all(m == 0 for m in self.pixel_mean) and all(s == 1 for s in self.pixel_std):
+            return x
+        return (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
 
     # -- geometry -------------------------------------------------------------------------
     def grid_size(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
@@ -140,7 +162,7 @@ class ViT(nn.Module):
             order of ``keep`` (padding slots are zeros).
         """
         grid = self.grid_size(x.shape[2:])  # refuses sizes the patch does not divide (conv would crop silently)
-        tokens = self.patch_embed(x)  # (B, D, *grid)
+        tokens = self.patch_embed(self.standardise(x))  # (B, D, *grid)
         b, d = tokens.shape[:2]
         tokens = tokens.flatten(2).transpose(1, 2) + self.pos_embed(grid, tokens.device)  # (B, N, D)
         layout = self.layout(grid, tokens.device)

@@ -121,9 +121,27 @@ def test_pooling(mode, size):
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_export_to_monai_vit_gives_the_same_outputs(spatial_dims):
+def test_pixel_standardisation_equals_standardising_the_input(spatial_dims):
+    plain, standardising = _vit(spatial_dims), _vit(spatial_dims, pixel_mean=0.5, pixel_std=0.25)
+    assert standardising.state_dict().keys() == plain.state_dict().keys()  # checkpoints load either way
+    standardising.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, *[16] * spatial_dims)
+    torch.testing.assert_close(standardising(x), plain((x - 0.5) / 0.25))
+    assert not torch.allclose(standardising(x), plain(x), atol=1e-3)
+
+
+def test_pixel_statistics_per_channel_and_bad_ones_refused():
+    model = ViT(2, in_channels=3, patch_size=4, size="micro", pixel_mean=(0.1, 0.2, 0.3), pixel_std=0.5)
+    assert model.pixel_mean == (0.1, 0.2, 0.3) and model.pixel_std == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="pixel_std must be positive"):
+        ViT(2, patch_size=4, size="micro", pixel_std=0.0)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("pixels", [dict(), dict(pixel_mean=0.5, pixel_std=0.25)])
+def test_export_to_monai_vit_gives_the_same_outputs(spatial_dims, pixels):
     pytest.importorskip("einops")  # MONAI's ViT needs it
-    model = _vit(spatial_dims)
+    model = _vit(spatial_dims, **pixels)
     x = torch.randn(2, 1, *[16] * spatial_dims)
     monai_vit = to_monai_vit(model, 16).eval()
     _, hidden = monai_vit(x)
