@@ -85,21 +85,28 @@ def pretrain_once(objective: str, overrides: dict, out: Path) -> float:
     return seconds
 
 
-def targets(table: list[dict], labels: dict[str, str]) -> list[str]:
-    """The issue's two targets on the 1 % AUC (best pooling), for the probe and for kNN."""
-    from medssl.eval.compare import best_rows
+def targets(comparison: dict, labels: dict[str, str]) -> list[str]:
+    """The issue's two targets on the 1 % AUC (best pooling), for the probe and for kNN, with the
+    seed-by-seed (paired) difference beside each: the seeds share label subsets across encoders."""
+    from medssl.eval.compare import best_rows, paired_differences
+
+    def paired(a: str, b: str, method: str) -> str:
+        d = paired_differences(comparison, labels[a], labels[b], method, "auc").get(0.01)
+        return "" if d is None else (f" (paired over seeds: {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} points, "
+                                     f"ahead on {d['wins']} of {d['n']} seeds)")
 
     lines = []
     for method in ("probe", "knn"):
-        best = best_rows(table, method, "auc")  # {encoder: its best-pooling row at each fraction}
+        best = best_rows(comparison["table"], method, "auc")  # {encoder: its best-pooling row at each fraction}
         auc = {k: next(r["auc"] for r in best[labels[k]] if r["fraction"] == 0.01) for k in labels}
         rival = max(("dino", "simclr", "barlow", "mae+dino"), key=lambda k: auc[k])
         gain = 100 * (auc[rival] - auc["mae"])
-        parts = max(auc["mae"], auc["dino"])
+        part = max(("mae", "dino"), key=lambda k: auc[k])
         lines.append(f"- {method}, 1 % labels, AUC: best contrastive/combined = {labels[rival]} {auc[rival]:.3f} vs MAE "
-                     f"{auc['mae']:.3f}: {gain:+.1f} points (target +3: {'met' if gain >= 3 else 'missed'}); "
-                     f"MAE+DINO {auc['mae+dino']:.3f} vs the better of MAE and DINO {parts:.3f} "
-                     f"({'met' if auc['mae+dino'] >= parts else 'missed'}).")
+                     f"{auc['mae']:.3f}: {gain:+.1f} points{paired(rival, 'mae', method)} (target +3: "
+                     f"{'met' if gain >= 3 else 'missed'}); MAE+DINO {auc['mae+dino']:.3f} vs the better of MAE and DINO, "
+                     f"{labels[part]} {auc[part]:.3f}{paired('mae+dino', part, method)} "
+                     f"({'met' if auc['mae+dino'] >= auc[part] else 'missed'}).")
     return lines
 
 
@@ -120,7 +127,7 @@ def main() -> None:
 
     from medssl.bundles import data_overrides
     from medssl.cli import parse_sets, evaluate
-    from medssl.eval.compare import best_table, compare_results, load_results, write_comparison
+    from medssl.eval.compare import best_table, compare_results, load_results, paired_table, write_comparison
     from medssl.eval.protocol import EvalPlan
 
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
@@ -160,7 +167,7 @@ def main() -> None:
 
     title = f"{shown}: objectives at an equal {args.minutes:g}-minute budget"
     comparison = compare_results(results)
-    write_comparison(comparison, out / "compare", title=title)
+    write_comparison(comparison, out / "compare", title=title, reference="MAE" if "mae" in objectives else None)
     labels = {o: OBJECTIVES[o][0] for o in objectives}
     text = [f"{data.name}: {n_train} training images (labels unused), {dims}D {size} px, patch {patch}, batch {batch}, "
             f"ViT-Tiny, global attention, {threads} threads. "
@@ -170,8 +177,11 @@ def main() -> None:
             "|---|---|---:|---:|---:|---:|"]
     text += [f"| {lab} | `{b}` | {s:.1f} | {e} | {share:.2f} | {sec / 60:.1f} |" for lab, b, s, e, share, sec in runs]
     text += ["", "AUC (val), best pooling per fraction:", "", *best_table(comparison["table"], "auc"), ""]
+    if "mae" in objectives and len(objectives) > 1:
+        text += ["AUC minus MAE's, seed by seed on the same label subsets (mean ± std, seeds ahead / seeds):", "",
+                 *paired_table(comparison, "auc", "MAE"), ""]
     if set(labels) >= set(OBJECTIVES):
-        text += ["Targets:", "", *targets(comparison["table"], labels)]
+        text += ["Targets:", "", *targets(comparison, labels)]
     if args.image:
         image = ROOT / args.image
         shutil.copyfile(out / "compare" / "comparison.png", image)

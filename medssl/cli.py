@@ -203,7 +203,9 @@ def _compare(args) -> int:
             raise ValueError(f"two evaluations are named {name!r}: name them NAME=DIR")
         results[name] = load_results(path)
     poolings = tuple(v.strip() for v in args.poolings.split(",") if v.strip()) if args.poolings else None
-    files = write_comparison(compare_results(results, poolings), args.out, title=args.title)
+    if args.reference and args.reference not in results:
+        raise ValueError(f"--reference {args.reference!r} is not among the evaluations: {list(results)}")
+    files = write_comparison(compare_results(results, poolings), args.out, title=args.title, reference=args.reference)
     print((Path(args.out) / "comparison.md").read_text())
     print("\n".join(f"wrote {f}" for f in files))
     return 0
@@ -352,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for comparison.json, comparison.md, comparison.png")
     p.add_argument("--title", default="")
     p.add_argument("--poolings", help="compare only these poolings of the encoders, e.g. cls,mean (default: all)")
+    p.add_argument("--reference", metavar="NAME", help="encoder the others are compared with seed by seed (default: the first)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("attention", help="attention maps of a pretrained encoder overlaid on images (PNG)")

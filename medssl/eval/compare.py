@@ -9,6 +9,12 @@ so the expensive ones need to run for one encoder only.
 
 "Best" rows take, at each label fraction, the pooling with the highest mean of the metric; the
 full tables keep every pooling.
+
+Because the subsets are identical, two encoders can also be compared **paired**: on each seed both
+saw the same few labelled images, so the per-seed difference cancels the luck of the draw that
+dominates the ± of each row at 1 % labels (one unlucky subset drags every encoder down together).
+:func:`paired_differences` gives the mean and std of those differences and how many seeds the
+encoder won.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from ..atomic import atomic_write
 from .metrics import METRICS
 from .protocol import BASELINES, markdown_table
 
-__all__ = ["load_results", "compare_results", "best_rows", "best_table", "write_comparison"]
+__all__ = ["load_results", "compare_results", "best_rows", "best_table", "paired_differences", "paired_table",
+           "write_comparison"]
 
 
 def load_results(path: str | os.PathLike) -> dict:
@@ -55,7 +62,7 @@ def compare_results(results: dict[str, dict], poolings: tuple[str, ...] | None =
             if setting(results[name], key) != setting(first, key):
                 raise ValueError(f"{name!r} was evaluated with {key} = {setting(results[name], key)!r} but {names[0]!r} with "
                                  f"{setting(first, key)!r}: only evaluations of the same data, split, fractions and seeds compare")
-    table, sources = [], {}
+    table, records, sources = [], [], {}
     for name in names:
         for row in results[name]["table"]:
             if row["method"] in BASELINES:
@@ -64,9 +71,11 @@ def compare_results(results: dict[str, dict], poolings: tuple[str, ...] | None =
                 table.append({**row, "encoder": "-"})
             elif poolings is None or row["pooling"] in poolings:
                 table.append({**row, "encoder": name})
+        records += [{**r, "encoder": name} for r in results[name].get("records", [])
+                    if r["method"] not in BASELINES and (poolings is None or r["pooling"] in poolings)]
     return {"data": first.get("data"), "split": first["split"], "plan": {k: first["plan"][k] for k in ("fractions", "seeds")},
             "encoders": {name: results[name].get("checkpoint") for name in names}, "baseline_sources": sources,
-            "table": table}
+            "table": table, "records": records}
 
 
 def best_rows(table: list[dict], method: str, metric: str) -> dict[str, list[dict]]:
@@ -90,8 +99,61 @@ def best_table(table: list[dict], metric: str) -> list[str]:
     return markdown_table(best + baselines, metric, fractions, ("encoder", "method"))
 
 
-def write_comparison(comparison: dict, out: str | os.PathLike, title: str = "") -> list[Path]:
-    """``comparison.json``, ``comparison.md`` (best rows first, then every row) and ``comparison.png``."""
+def paired_differences(comparison: dict, encoder: str, reference: str, method: str, metric: str) -> dict[float, dict]:
+    """Per fraction, ``encoder - reference`` on ``metric`` seed by seed (same label subsets), each at its best pooling.
+
+    Returns ``{fraction: {"mean", "std", "wins", "n", "differences"}}`` (std 0 for one seed);
+    fractions where either encoder lacks per-seed records are left out.
+    """
+    import numpy as np
+
+    best = best_rows(comparison["table"], method, metric)
+    if encoder not in best or reference not in best:
+        return {}
+    pooling = {name: {r["fraction"]: r["pooling"] for r in best[name]} for name in (encoder, reference)}
+    per_seed: dict[str, dict[tuple[float, int], float]] = {encoder: {}, reference: {}}
+    for r in comparison.get("records", []):
+        if r["method"] == method and r["encoder"] in per_seed and pooling[r["encoder"]].get(r["fraction"]) == r["pooling"]:
+            per_seed[r["encoder"]][(r["fraction"], r["seed"])] = r[metric]
+    out = {}
+    for fraction in sorted(pooling[encoder]):
+        seeds = sorted(s for f, s in per_seed[encoder] if f == fraction and (f, s) in per_seed[reference])
+        diff = np.array([per_seed[encoder][fraction, s] - per_seed[reference][fraction, s] for s in seeds], dtype=float)
+        diff = diff[np.isfinite(diff)]
+        if len(diff):
+            out[fraction] = {"mean": float(diff.mean()), "std": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+                             "wins": int((diff > 0).sum()), "n": len(diff), "differences": diff.tolist()}
+    return out
+
+
+def paired_table(comparison: dict, metric: str, reference: str | None = None) -> list[str]:
+    """Markdown lines: every other encoder minus ``reference`` (default: the first), per method and fraction,
+    as ``mean ± std (wins/seeds)`` of the per-seed differences; empty without per-seed records."""
+    names = list(comparison["encoders"])
+    reference = reference or names[0]
+    if reference not in names:
+        raise ValueError(f"reference encoder {reference!r} is not among the compared ones: {names}")
+    fractions = sorted({r["fraction"] for r in comparison["table"]})
+    methods = [m for m in dict.fromkeys(r["method"] for r in comparison["table"]) if m not in BASELINES]
+    rows = []
+    for method in methods:
+        for name in names:
+            if name == reference:
+                continue
+            paired = paired_differences(comparison, name, reference, method, metric)
+            if paired:
+                cells = [f"{paired[f]['mean']:+.3f} ± {paired[f]['std']:.3f} ({paired[f]['wins']}/{paired[f]['n']})"
+                         if f in paired else "" for f in fractions]
+                rows.append(f"| {name} − {reference} | {method} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["| encoders | method | " + " | ".join(f"{f:g} labels" for f in fractions) + " |",
+            "|---|---|" + "---:|" * len(fractions), *rows]
+
+
+def write_comparison(comparison: dict, out: str | os.PathLike, title: str = "", reference: str | None = None) -> list[Path]:
+    """``comparison.json``, ``comparison.md`` (best rows, paired differences vs ``reference`` (default: the
+    first encoder), then every row) and ``comparison.png``."""
     from ..viz.curves import fraction_curves
     from ..viz.figure import save_figure
 
@@ -110,6 +172,13 @@ def write_comparison(comparison: dict, out: str | os.PathLike, title: str = "") 
              "mean at that fraction.", ""]
     for metric in METRICS:
         lines += [f"## {metric}: best pooling", "", *best_table(table, metric), ""]
+    reference = reference or next(iter(comparison["encoders"]))
+    for metric in METRICS:
+        paired = paired_table(comparison, metric, reference)
+        if paired:
+            lines += [f"## {metric}: paired differences vs {reference}", "",
+                      "Seed by seed on the same label subsets, each encoder at its best pooling: mean ± std of the "
+                      "differences (seeds the encoder won / seeds).", "", *paired, ""]
     for metric in METRICS:
         lines += [f"## {metric}: every pooling", "", *markdown_table(table, metric, fractions, ("encoder", "method", "pooling")), ""]
     (out / "comparison.md").write_text("\n".join(lines))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medssl.cli import main
-from medssl.eval.compare import best_rows, compare_results, load_results, write_comparison
+from medssl.eval.compare import best_rows, compare_results, load_results, paired_differences, paired_table, write_comparison
 from medssl.eval.protocol import aggregate, write_reports
 
 
@@ -108,3 +108,45 @@ def test_pooling_filter_keeps_baselines_and_changes_the_best():
     assert {r["method"] for r in table if r["encoder"] == "-"} == {"pixels", "scratch"}
     assert [r["pooling"] for r in best_rows(table, "probe", "auc")["mae"]] == ["cls", "cls"]  # mean would win unfiltered
     assert "knn" not in {r["method"] for r in table}  # knn ran with mean pooling only
+
+
+def _per_seed(auc_by_seed: dict, fractions=(0.01, 1.0)) -> dict:
+    """A results.json whose probe AUC with (pooling) on seed s is auc_by_seed[pooling][s] at every fraction."""
+    seeds = len(next(iter(auc_by_seed.values())))
+    records = [{"method": "probe", "pooling": p, "fraction": f, "seed": s, "split": "val", "n_train": 10,
+                "accuracy": 0.5, "balanced_accuracy": 0.5, "auc": v[s]}
+               for p, v in auc_by_seed.items() for f in fractions for s in range(seeds)]
+    return {"split": "val", "data": "/data/x.npz", "plan": {"fractions": list(fractions), "seeds": seeds},
+            "records": records, "table": aggregate(records)}
+
+
+def test_paired_differences_cancel_the_shared_luck_of_each_subset():
+    # seed 1's subset is bad for both encoders: unpaired, their ± (0.2) swamps a steady 0.02 lead
+    reference = _per_seed({"cls": [0.90, 0.50, 0.70], "mean": [0.10, 0.10, 0.10]})
+    rival = _per_seed({"cls": [0.0, 0.0, 0.0], "mean": [0.92, 0.53, 0.71]})  # its best pooling is mean
+    comparison = compare_results({"mae": reference, "simclr": rival})
+    paired = paired_differences(comparison, "simclr", "mae", "probe", "auc")
+    assert set(paired) == {0.01, 1.0}
+    assert paired[0.01]["differences"] == pytest.approx([0.02, 0.03, 0.01])
+    assert paired[0.01]["mean"] == pytest.approx(0.02) and paired[0.01]["std"] == pytest.approx(0.01)
+    assert (paired[0.01]["wins"], paired[0.01]["n"]) == (3, 3)
+    assert paired_table(comparison, "auc") == [
+        "| encoders | method | 0.01 labels | 1 labels |", "|---|---|---:|---:|",
+        "| simclr − mae | probe | +0.020 ± 0.010 (3/3) | +0.020 ± 0.010 (3/3) |"]
+    assert paired_table(comparison, "auc", reference="simclr")[2].startswith("| mae − simclr | probe | -0.020 ± 0.010 (0/3)")
+    with pytest.raises(ValueError, match="'dino' is not among"):
+        paired_table(comparison, "auc", reference="dino")
+    assert paired_differences(comparison, "simclr", "mae", "knn", "auc") == {}  # no knn rows
+
+
+def test_reports_and_cli_carry_the_paired_differences(tmp_path, capsys):
+    write_reports(_per_seed({"cls": [0.90, 0.50, 0.70]}), tmp_path / "mae", "mae")
+    write_reports(_per_seed({"cls": [0.85, 0.52, 0.75]}), tmp_path / "dino", "dino")
+    args = ["compare", f"mae={tmp_path / 'mae'}", f"dino={tmp_path / 'dino'}", "--out", str(tmp_path / "cmp")]
+    assert main(args + ["--reference", "dino"]) == 0
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## auc: paired differences vs dino" in md and "| mae − dino | probe | -0.007 ± 0.051 (1/3) | -0.007 ± 0.051 (1/3) |" in md
+    assert main(args + ["--reference", "resnet"]) != 0
+    assert "--reference 'resnet' is not among" in capsys.readouterr().err
+    single = write_comparison(compare_results({"mae": _per_seed({"cls": [0.9, 0.5]})}), tmp_path / "one")
+    assert "paired" not in single[1].read_text()  # nothing to pair with
