@@ -103,7 +103,8 @@ def paired_differences(comparison: dict, encoder: str, reference: str, method: s
     """Per fraction, ``encoder - reference`` on ``metric`` seed by seed (same label subsets), each at its best pooling.
 
     Returns ``{fraction: {"mean", "std", "wins", "n", "differences"}}`` (std 0 for one seed);
-    fractions where either encoder lacks per-seed records are left out.
+    fractions where either encoder lacks per-seed records are left out. At fraction 1 every seed
+    has the same subset (all labels), so only the first seed counts.
     """
     import numpy as np
 
@@ -118,6 +119,8 @@ def paired_differences(comparison: dict, encoder: str, reference: str, method: s
     out = {}
     for fraction in sorted(pooling[encoder]):
         seeds = sorted(s for f, s in per_seed[encoder] if f == fraction and (f, s) in per_seed[reference])
+        if fraction >= 1.0:  # every seed's subset is the whole training set: one comparison, not several
+            seeds = seeds[:1]
         diff = np.array([per_seed[encoder][fraction, s] - per_seed[reference][fraction, s] for s in seeds], dtype=float)
         diff = diff[np.isfinite(diff)]
         if len(diff):

@@ -130,9 +130,10 @@ def test_paired_differences_cancel_the_shared_luck_of_each_subset():
     assert paired[0.01]["differences"] == pytest.approx([0.02, 0.03, 0.01])
     assert paired[0.01]["mean"] == pytest.approx(0.02) and paired[0.01]["std"] == pytest.approx(0.01)
     assert (paired[0.01]["wins"], paired[0.01]["n"]) == (3, 3)
+    assert (paired[1.0]["n"], paired[1.0]["differences"]) == (1, pytest.approx([0.02]))  # all labels: one subset
     assert paired_table(comparison, "auc") == [
         "| encoders | method | 0.01 labels | 1 labels |", "|---|---|---:|---:|",
-        "| simclr − mae | probe | +0.020 ± 0.010 (3/3) | +0.020 ± 0.010 (3/3) |"]
+        "| simclr − mae | probe | +0.020 ± 0.010 (3/3) | +0.020 ± 0.000 (1/1) |"]
     assert paired_table(comparison, "auc", reference="simclr")[2].startswith("| mae − simclr | probe | -0.020 ± 0.010 (0/3)")
     with pytest.raises(ValueError, match="'dino' is not among"):
         paired_table(comparison, "auc", reference="dino")
@@ -145,7 +146,7 @@ def test_reports_and_cli_carry_the_paired_differences(tmp_path, capsys):
     args = ["compare", f"mae={tmp_path / 'mae'}", f"dino={tmp_path / 'dino'}", "--out", str(tmp_path / "cmp")]
     assert main(args + ["--reference", "dino"]) == 0
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "## auc: paired differences vs dino" in md and "| mae − dino | probe | -0.007 ± 0.051 (1/3) | -0.007 ± 0.051 (1/3) |" in md
+    assert "## auc: paired differences vs dino" in md and "| mae − dino | probe | -0.007 ± 0.051 (1/3) | +0.050 ± 0.000 (1/1) |" in md
     assert main(args + ["--reference", "resnet"]) != 0
     assert "--reference 'resnet' is not among" in capsys.readouterr().err
     single = write_comparison(compare_results({"mae": _per_seed({"cls": [0.9, 0.5]})}), tmp_path / "one")
