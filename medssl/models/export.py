@@ -58,10 +58,8 @@ def _folded_patch_embed(model: ViT) -> dict[str, torch.Tensor]:
     """The patch projection with the input standardisation folded in (MONAI's ViT has none):
     ``W (x - m) / s + b = (W / s) x + (b - sum W m / s)``, exact because patches do not overlap."""
     w, b = model.patch_embed.weight.detach(), model.patch_embed.bias.detach()
-    view = (1, -1, *[1] * model.spatial_dims)
-    mean, std = torch.tensor(model.pixel_mean, dtype=w.dtype).view(view), torch.tensor(model.pixel_std, dtype=w.dtype).view(view)
-    w = w / std
-    return {"patch_embed.weight": w, "patch_embed.bias": b - (w * mean).flatten(1).sum(1)}
+    w = w / model._std.to(w)  # the model's own (1, C, 1, ...) buffers broadcast over (D, C, *patch)
+    return {"patch_embed.weight": w, "patch_embed.bias": b - (w * model._mean.to(w)).flatten(1).sum(1)}
 
 
 def to_monai_vit(model: ViT, img_size: int | Sequence[int]):
