@@ -8,14 +8,8 @@ command). Sub-packages are imported on first use, so ``import medssl`` is instan
 configs can write ``$import medssl`` then ``medssl.data.synthetic.embedded_dataset(...)``.
 """
 
-import importlib
+from .lazy import lazy_submodules
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "models", "tasks", "engine", "eval", "viz", "cli", "bundles")
-
-
-def __getattr__(name: str):
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_submodules(__name__)

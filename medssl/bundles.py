@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["bundle_root", "list_bundles", "check_metadata", "run_bundle", "data_overrides", "bundle_parser", "REQUIRED_METADATA",
+__all__ = ["bundle_root", "bundle_config", "list_bundles", "check_metadata", "run_bundle", "data_overrides", "bundle_parser", "REQUIRED_METADATA",
            "REQUIRED_TENSOR_KEYS"]
 
 # The mandatory keys of the MONAI Bundle specification (docs.monai.io, mb_specification).
@@ -54,29 +54,47 @@ def check_metadata(meta: Mapping) -> list[str]:
     return problems
 
 
-def run_bundle(name: str | os.PathLike, config: str = "train", overrides: Mapping | None = None) -> None:
-    """``python -m monai.bundle run`` for ``configs/<config>.yaml`` of bundle ``name`` with ``overrides``.
+def bundle_config(name: str | os.PathLike, config: str = "train") -> Path:
+    """The path of ``configs/<config>.yaml`` of bundle ``name``, with a clear error if it has none."""
+    path = bundle_root(name) / "configs" / f"{config}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"bundle {name} has no {config} config ({path})")
+    return path
 
-    ``bundle_root`` defaults to the current folder, like a model-zoo bundle run from its checkout.
+
+def run_bundle(name: str | os.PathLike, config: str = "train", overrides: Mapping | None = None,
+               tracking: str | None = None) -> None:
+    """Run ``configs/<config>.yaml`` of bundle ``name`` with ``overrides``, as ``python -m monai.bundle run`` does.
+
+    The workflow is built directly (``ConfigWorkflow``), not through MONAI's ``run``, whose
+    argument merging drops every ``None`` override: ``window_size=None`` must reach the config.
+    Unknown settings are refused. ``bundle_root`` defaults to the current folder, like a
+    model-zoo bundle run from its checkout; ``tracking="mlflow"`` adds MONAI's MLflow handlers.
     """
-    from monai.bundle import run
+    from monai.bundle import ConfigWorkflow
 
-    root = bundle_root(name)
-    configs = root / "configs"
+    from .bundle_settings import check_known, config_settings
+
+    configs = bundle_root(name) / "configs"
+    config_file = bundle_config(name, config)
     meta = json.loads((configs / "metadata.json").read_text())
     problems = check_metadata(meta)
     if problems:
         raise ValueError(f"{configs / 'metadata.json'}: " + "; ".join(problems))
     settings = {"bundle_root": os.getcwd(), **(overrides or {})}
-    run(config_file=str(configs / f"{config}.yaml"), meta_file=str(configs / "metadata.json"),
-        logging_file=str(configs / "logging.conf"), **settings)
+    check_known(settings, *config_settings(config_file), where=f"bundle {Path(name).name} ({config})")
+    workflow = ConfigWorkflow(config_file=str(config_file), meta_file=str(configs / "metadata.json"),
+                              logging_file=str(configs / "logging.conf"), workflow_type=None, tracking=tracking, **settings)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
 
 
 def data_overrides(data: str | os.PathLike) -> dict:
     """Bundle settings that fit ``data`` when it is a MedMNIST ``.npz`` (else none).
 
     MedMNIST images are small and fixed-size: train on the whole image (28 or 64 pixels), with
-    patches of 4 pixels at 28 and 8 at 64 (a 7x7 or 8x8 grid), global attention (windows buy
+    patches of 4 pixels at 28 and 8 at 64 (a 7x7 or 8x8 grid), global attention (``window_size: 0``; windows buy
     nothing on so few tokens) and the image's own channel count.
     """
     path = Path(data)
@@ -84,14 +102,24 @@ def data_overrides(data: str | os.PathLike) -> dict:
         return {}
     import numpy as np
 
-    with np.load(path, mmap_mode="r") as npz:
-        key = "train_images" if "train_images" in npz.files else next(k for k in npz.files if k.endswith("_images"))
+    try:
+        npz = np.load(path, mmap_mode="r")
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable .npz archive ({type(exc).__name__})") from None
+    with npz:
+        keys = [k for k in npz.files if k.endswith("_images")]
+        if not keys:
+            raise ValueError(f"{path}: no <split>_images array (it has {npz.files}); a MedMNIST archive holds "
+                             "train_images, train_labels, val_images, ...")
+        key = "train_images" if "train_images" in keys else keys[0]
         shape = npz[key].shape[1:]  # (H, W), (H, W, 3) or (D, H, W)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{path}: {key} has shape {(None, *shape)}; expected (N, H, W), (N, H, W, 3) or (N, D, H, W)")
     size = int(shape[0])
     rgb = len(shape) == 3 and shape[-1] == 3
     spatial_dims = 2 if len(shape) == 2 or rgb else 3
     patch = 4 if size <= 32 else 8 if size <= 64 else 16
-    return {"spatial_dims": spatial_dims, "image_size": size, "patch_size": patch, "window_size": None,
+    return {"spatial_dims": spatial_dims, "image_size": size, "patch_size": patch, "window_size": 0,
             "in_channels": 3 if rgb else 1, "samples_per_volume": 1}
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from medssl.bundle_settings import config_settings
 from medssl.bundles import bundle_root, check_metadata, list_bundles, run_bundle
 
 BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d"]
@@ -71,7 +72,8 @@ def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch)
         assert (out / "pictures" / f"{task}_final.png").stat().st_size > 1000
     assert list((out / "logs").glob("events.out.tfevents.*"))
 
-    inference = {k: v for k, v in settings.items() if k not in ("batch_size", "cache")}
+    known, _ = config_settings(bundle_root(name) / "configs" / "inference.yaml")
+    inference = {k: v for k, v in settings.items() if k in known}  # training-only settings are unknown there
     run_bundle(name, "inference", dict(inference, ckpt_path=str(model), embeddings_file=str(out / "emb.npz")))
     emb = np.load(out / "emb.npz")
     assert emb["embeddings"].shape == (2, 48) and np.isfinite(emb["embeddings"]).all()

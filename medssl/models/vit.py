@@ -52,7 +52,8 @@ class ViT(nn.Module):
         patch_size: patch edge, an int or one per axis.
         size: a named size from :data:`SIZES`; ``embed_dim``/``depth``/``num_heads`` override it.
         mlp_ratio: MLP width / embed_dim.
-        window_size: tokens per window edge (int or per axis), or None for global attention only.
+        window_size: tokens per window edge (int or per axis); None or 0 for global attention only
+            (0 is the spelling that survives MONAI's runner, which drops ``None`` overrides).
         global_every: with windows, every ``global_every``-th block attends globally.
         cls_token: prepend a learned CLS token.
         drop_path: stochastic depth rate at the last block (linear from 0).
@@ -76,7 +77,11 @@ class ViT(nn.Module):
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.embed_dim, self.depth, self.num_heads = dims["embed_dim"], dims["depth"], dims["num_heads"]
         self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
-        self.window_size = None if window_size is None else ensure_tuple_rep(window_size, spatial_dims)
+        if window_size is not None and not isinstance(window_size, (int, Sequence)):
+            raise ValueError(f"window_size must be an int, one per axis, 0 or None (global attention), got {window_size!r}")
+        if isinstance(window_size, str) or (isinstance(window_size, int) and window_size < 0):
+            raise ValueError(f"window_size must be an int >= 0 (0: global attention), got {window_size!r}")
+        self.window_size = None if not window_size else ensure_tuple_rep(window_size, spatial_dims)
         self.pos_temperature = pos_temperature
         self.num_prefix_tokens = int(cls_token)
         d = self.embed_dim

@@ -28,7 +28,7 @@ def test_two_process_training_shards_data_and_syncs_gradients(tmp_path, bundle, 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
            "--config_file", f"['{configs / 'train.yaml'}','{configs / 'multi_gpu_train.yaml'}']",
            "--logging_file", str(configs / "logging.conf"), "--dataset_dir", str(data), "--output_dir", str(tmp_path / "run"),
-           "--vit_size", "micro", "--image_size", "28", "--patch_size", "4", "--window_size", "None", "--batch_size", "4",
+           "--vit_size", "micro", "--image_size", "28", "--patch_size", "4", "--window_size", "0", "--batch_size", "4",
            "--max_epochs", "2", "--picture_every", "2", "--samples_per_volume", "1", *extra]
     env = {**os.environ, "MEDSSL_SALT": "t", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
