@@ -6,6 +6,7 @@ Each command imports what it needs when it runs, so ``medssl --help`` answers at
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -54,50 +55,106 @@ def parse_sets(pairs: list[str]) -> dict:
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = yaml.safe_load(value)
+    from .bundle_settings import check_plain
+
+    check_plain(out, "--set")
     return out
 
 
 def _pretrain_overrides(args) -> dict:
     from .bundles import data_overrides
 
+    if args.data and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data} does not exist")
     overrides = dict(data_overrides(args.data)) if args.data else {}
     if args.data:
-        if not Path(args.data).exists():
-            raise FileNotFoundError(f"--data {args.data} does not exist")
         overrides["dataset_dir"] = str(Path(args.data).resolve())
     flags = {"max_epochs": args.max_epochs, "batch_size": args.batch_size, "num_workers": args.workers,
              "vit_size": args.size, "image_size": args.image_size, "patch_size": args.patch_size, "seed": args.seed}
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides.update(parse_sets(args.set))
+    sets = parse_sets(args.set)
+    if "spatial_dims" in overrides and "spatial_dims" not in sets:
+        _check_dimensionality(args.bundle, args.data, overrides["spatial_dims"])
+    overrides.update(sets)
     return overrides
 
 
-def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False, progress: bool = True) -> Path:
+def _check_dimensionality(bundle: str, data: str, data_dims: int) -> None:
+    """A 2D archive given to a 3D bundle (or the reverse) is refused unless ``--set spatial_dims`` says so."""
+    import yaml
+
+    from .bundles import bundle_config, list_bundles
+
+    bundle_dims = yaml.safe_load(bundle_config(bundle).read_text()).get("spatial_dims")
+    if bundle_dims is not None and bundle_dims != data_dims:
+        same = [b for b in list_bundles() if b.endswith(f"_{data_dims}d")]
+        raise ValueError(f"{data} holds {data_dims}D images but bundle {bundle} is {bundle_dims}D; choose a {data_dims}D bundle "
+                         f"({', '.join(same)}) or add --set spatial_dims={data_dims} to train this recipe in {data_dims}D")
+
+
+def private_path(path: str | Path) -> str:
+    """What ``--private`` records instead of a path (folder names can carry patient names or MRNs)."""
+    import hashlib
+
+    return "private:" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+
+
+def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False, progress: bool = True,
+             overwrite: bool = False, private: bool = False) -> Path:
     """Run bundle ``bundle``'s train config into ``out``; records the settings in ``out/run.json``.
 
+    The folder is locked for the run. A fresh run into a folder that holds checkpoints is refused
+    unless ``resume`` (continue it) or ``overwrite`` (delete its checkpoints, pictures, logs and
+    record first). ``private`` records the data folder as a hash instead of its path.
     ``progress=False`` hides the per-epoch bar (the epoch summary lines stay); it is not recorded.
     """
-    import json
+    import shutil
 
     from .atomic import atomic_write
     from .bundles import run_bundle
+    from .engine.checkpoint import latest_checkpoint
+    from .engine.run_folder import lock_run_folder, release_run_folder
+    from .run_record import read_run_record
 
+    from .bundle_settings import check_known, config_settings
+    from .bundles import bundle_config
+
+    check_known(overrides, *config_settings(bundle_config(bundle)), where=f"bundle {bundle}")  # before anything is written
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    record = out / "run.json"
-    if resume and record.exists():  # resuming: the recorded settings win, new flags (e.g. more epochs) on top
-        saved = json.loads(record.read_text())
-        if saved.get("bundle") != bundle:
-            raise ValueError(f"{out} was pretrained with bundle {saved.get('bundle')!r}, not {bundle!r}")
-        overrides = {**saved["overrides"], **overrides}
-    with atomic_write(record, "w") as f:
-        f.write(json.dumps({"bundle": bundle, "overrides": overrides}, indent=2) + "\n")
-    run_bundle(bundle, "train", {**overrides, "output_dir": str(out), "resume": resume, "progress": progress})
+    lock_run_folder(out)
+    try:
+        record = out / "run.json"
+        latest = latest_checkpoint(out / "models")
+        if overwrite and not resume:
+            for name in ("models", "pictures", "logs"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            record.unlink(missing_ok=True)
+        elif latest is not None and not resume:
+            raise ValueError(f"{out} already holds a run (checkpoint {latest.name}); add --resume to continue it, "
+                             "--overwrite to start over there, or choose another --out")
+        if resume and latest is None:
+            print(f"medssl pretrain: --resume: no checkpoint in {out / 'models'} yet, starting from scratch", file=sys.stderr)
+        if resume and record.exists():  # resuming: the recorded settings win, new flags (e.g. more epochs) on top
+            saved_bundle, saved = read_run_record(record)
+            if saved_bundle != bundle:
+                raise ValueError(f"{out} was pretrained with bundle {saved_bundle!r}, not {bundle!r}")
+            if str(saved.get("dataset_dir", "")).startswith("private:") and "dataset_dir" not in overrides:
+                raise ValueError(f"{record} records its data privately; give --data again to resume")
+            overrides = {**saved, **overrides}
+        recorded = dict(overrides)
+        if private and "dataset_dir" in recorded:
+            recorded["dataset_dir"] = private_path(recorded["dataset_dir"])
+        with atomic_write(record, "w") as f:
+            f.write(json.dumps({"bundle": bundle, "overrides": recorded}, indent=2) + "\n")
+        run_bundle(bundle, "train", {**overrides, "output_dir": str(out), "resume": resume, "progress": progress})
+    finally:
+        release_run_folder(out)
     return out
 
 
 def _pretrain(args) -> int:
-    out = pretrain(args.bundle, args.out, _pretrain_overrides(args), resume=args.resume, progress=not args.quiet)
+    out = pretrain(args.bundle, args.out, _pretrain_overrides(args), resume=args.resume, progress=not args.quiet,
+                   overwrite=args.overwrite, private=args.private)
     print(f"\nencoder:     {out / 'models' / 'model.pt'}\ncheckpoints: {out / 'models'}\n"
           f"pictures:    {out / 'pictures'}\nlogs:        {out / 'logs'}  (tensorboard --logdir {out / 'logs'})")
     return 0
@@ -109,8 +166,14 @@ def _embed(args) -> int:
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data} does not exist")
     ckpt = Path(args.checkpoint).resolve()
-    bundle, overrides = _run_record(ckpt, args.bundle)
-    overrides.update({k: v for k, v in data_overrides(args.data).items() if k not in overrides})
+    from .run_record import checkpoint_record
+
+    bundle, overrides = checkpoint_record(ckpt, args.bundle, config="inference")
+    from .bundle_settings import config_settings
+    from .bundles import bundle_config
+
+    known, _ = config_settings(bundle_config(bundle, "inference"))
+    overrides.update({k: v for k, v in data_overrides(args.data).items() if k not in overrides and k in known})
     overrides.update(dataset_dir=str(Path(args.data).resolve()), ckpt_path=str(ckpt), embeddings_file=str(Path(args.out).resolve()),
                      pooling=args.pooling, output_dir=str(Path(args.out).resolve().parent), **parse_sets(args.set))
     run_bundle(bundle, "inference", overrides)
@@ -118,24 +181,12 @@ def _embed(args) -> int:
     return 0
 
 
-def _run_record(ckpt: Path, bundle: str | None) -> tuple[str, dict]:
-    """The bundle and model/data settings a checkpoint was trained with (``RUN/run.json`` beside ``RUN/models/``)."""
-    import json
-
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    record = ckpt.parent.parent / "run.json"
-    saved = json.loads(record.read_text()) if record.exists() else {}
-    bundle = bundle or saved.get("bundle")
-    if bundle is None:
-        raise ValueError(f"no {record} next to the checkpoint (written by `medssl pretrain`); say which bundle made it with --bundle")
-    keep = {k: v for k, v in saved.get("overrides", {}).items() if k not in ("dataset_dir", "max_epochs", "batch_size", "seed")}
-    return bundle, keep
-
-
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: str | None = None, plan=None,
-             progress: bool = True) -> list[Path]:
-    """Evaluate an encoder checkpoint on labelled ``data`` (see :mod:`medssl.eval.protocol`); returns the report files."""
+             progress: bool = True, private: bool = False) -> list[Path]:
+    """Evaluate an encoder checkpoint on labelled ``data`` (see :mod:`medssl.eval.protocol`); returns the report files.
+
+    ``private`` records the data and checkpoint paths in the reports as hashes.
+    """
     from dataclasses import asdict
 
     from .bundles import bundle_parser
@@ -145,7 +196,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: 
     from .eval.protocol import EvalPlan, run_evaluation, write_reports
 
     ckpt = Path(checkpoint).resolve()
-    name, settings = _run_record(ckpt, bundle)
+    from .run_record import checkpoint_record
+
+    name, settings = checkpoint_record(ckpt, bundle)
     parser = bundle_parser(name, settings)
     get = parser.get_parsed_content
     splits = load_labelled(data, spatial_dims=get("spatial_dims"), size=get("image_size"), channels=get("in_channels"),
@@ -156,11 +209,13 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: 
         return load_encoder(net, ckpt) if pretrained else net
 
     plan = plan or EvalPlan()
-    header = {"checkpoint": str(ckpt), "data": str(Path(data).resolve()), "plan": asdict(plan)}
+    shown = {"checkpoint": private_path(ckpt) if private else str(ckpt),
+             "data": private_path(data) if private else str(Path(data).resolve())}
+    header = {**shown, "plan": asdict(plan)}
     journal = Journal(Path(out) / "records.jsonl", header)  # a killed run started again skips what is done
     result = run_evaluation(make_encoder, splits, plan, progress=progress, journal=journal)
-    result.update(checkpoint=str(ckpt), data=str(Path(data).resolve()), bundle=name)
-    return write_reports(result, out, title=f"{name} on {Path(data).name}")
+    result.update(**shown, bundle=name)
+    return write_reports(result, out, title=f"{name} on {'private data' if private else Path(data).name}")
 
 
 def _plan(args):
@@ -173,7 +228,8 @@ def _plan(args):
 
 
 def _evaluate(args) -> int:
-    files = evaluate(args.checkpoint, args.data, args.out, args.bundle, _plan(args), progress=not args.quiet)
+    files = evaluate(args.checkpoint, args.data, args.out, args.bundle, _plan(args), progress=not args.quiet,
+                     private=args.private)
     print((Path(args.out) / "results.md").read_text())
     print("\n".join(f"wrote {f}" for f in files))
     return 0
@@ -224,7 +280,9 @@ def _attention(args) -> int:
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data} does not exist")
     ckpt = Path(args.checkpoint).resolve()
-    name, settings = _run_record(ckpt, args.bundle)
+    from .run_record import checkpoint_record
+
+    name, settings = checkpoint_record(ckpt, args.bundle)
     get = bundle_parser(name, settings).get_parsed_content
     dims, size = get("spatial_dims"), get("image_size")
     encoder = load_encoder(get("network_def", lazy=False), ckpt).eval()
@@ -296,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of images, datalist .json or MedMNIST .npz (default: the embedded phantoms)")
     p.add_argument("--out", required=True, help="run folder: models/model.pt, checkpoints, logs/, pictures/, run.json")
     p.add_argument("--max-epochs", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (a larger "
+                   "--max-epochs extends a finished run; the LR schedule is rebuilt for the new total)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run (deletes its "
+                   "checkpoints, pictures, logs and run.json)")
+    p.add_argument("--private", action="store_true", help="record the data folder in run.json as a hash, not its path")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="data loader processes")
     p.add_argument("--size", choices=("micro", "tiny", "small", "base"), help="ViT size")
@@ -330,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="MedMNIST .npz, CSV with image,label[,split][,modality], or datalist .json with labels")
     p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png")
     p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
+    p.add_argument("--private", action="store_true", help="record data and checkpoint paths in the reports as hashes")
     plan_flags(p)
     p.set_defaults(func=_evaluate)
 
@@ -375,13 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import describe, is_user_error
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        print(f"medssl {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"medssl {args.command}: interrupted" + (" (medssl pretrain --resume continues it)" if args.command == "pretrain"
+                                                       else ""), file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"medssl {args.command}: error: {describe(exc)}", file=sys.stderr)
+        return 2 if is_user_error(exc) else 1
 
 
 if __name__ == "__main__":

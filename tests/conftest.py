@@ -30,3 +30,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("shared data not available (../shared/data)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _drop_closed_log_streams():
+    """A bundle's logging.conf attaches a handler to the sys.stdout of the moment (a test's capture,
+    closed when that test ends); drop such handlers so a later test's log lines do not fail."""
+    import logging
+
+    yield
+    for logger in [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]:
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                logger.removeHandler(handler)

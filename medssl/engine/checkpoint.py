@@ -3,8 +3,8 @@
 MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed mid-write leaves a
 truncated file where its last good checkpoint was. :class:`AtomicCheckpointSaver` writes through
 :func:`medssl.atomic.atomic_write` (temporary file, fsync, ``os.replace``).
-Loading goes through MONAI's ``CheckpointLoader`` (``weights_only=True``; keeps a larger
-``max_epochs`` given on the command line).
+Loading is ``weights_only=True`` (a checkpoint cannot run code) and keeps a larger ``max_epochs``
+given on the command line, as MONAI's ``CheckpointLoader`` does.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Events
-from monai.handlers import CheckpointLoader
+from ignite.handlers import Checkpoint
 
 from ..atomic import atomic_write
+from .run_folder import lock_run_folder, release_run_folder
 
-__all__ = ["atomic_save", "latest_checkpoint", "AtomicCheckpointSaver", "ResumeFromLatest", "unwrap"]
+__all__ = ["atomic_save", "load_checkpoint", "latest_checkpoint", "AtomicCheckpointSaver", "ResumeFromLatest", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,25 +90,83 @@ class AtomicCheckpointSaver:
         logger.info("saved %s", path)
 
 
-class ResumeFromLatest:
-    """At start, load the latest ``checkpoint_*.pt`` of ``save_dir`` into ``load_dict`` and the engine (if ``enabled``).
+def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
+    """``torch.load(path, weights_only=True)``, with one clear error for a file that is not a checkpoint."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # truncated file, another format, or a pickle that needs code to load (refused)
+        raise ValueError(f"{path} is not a readable medssl checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else 'no detail'})") from None
 
-    With no checkpoint there yet, training starts from scratch and says so.
+
+class ResumeFromLatest:
+    """At start, take the run folder and load the latest ``checkpoint_*.pt`` of ``save_dir`` (if ``enabled``).
+
+    - With no checkpoint there yet, training starts from scratch and says so.
+    - Not resuming into a folder that already holds checkpoints is refused: the old run's higher
+      iteration numbers would win the pruning and a later resume would continue the old run.
+    - Extending a finished run (``--resume`` with a larger ``max_epochs``) rebuilds the learning-rate
+      schedule for the new total: the checkpoint restores the step count, the config the shape
+      (warm-up and cosine over ``max_epochs * epoch_length``), so training continues at the learning
+      rate a run planned for the new length would have at this step, not at the old run's final 0.
+    - The run folder (``save_dir``'s parent unless ``run_dir``) is locked for the run's duration.
     """
 
-    def __init__(self, save_dir: str | os.PathLike, load_dict: Mapping, enabled: bool = True) -> None:
+    def __init__(self, save_dir: str | os.PathLike, load_dict: Mapping, enabled: bool = True,
+                 run_dir: str | os.PathLike | None = None) -> None:
         self.save_dir, self.load_dict, self.enabled = Path(save_dir), dict(load_dict), enabled
+        self.run_dir = Path(run_dir) if run_dir else self.save_dir.parent
 
     def attach(self, engine) -> None:
-        if self.enabled:
-            engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.COMPLETED, self._release)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._release_and_raise)
+
+    def _release(self, engine) -> None:
+        if _is_main():
+            release_run_folder(self.run_dir)
+
+    def _release_and_raise(self, engine, error: BaseException) -> None:
+        self._release(engine)
+        raise error  # ignite hands an exception to its EXCEPTION_RAISED handlers instead of raising it
 
     def __call__(self, engine) -> None:
+        if _is_main():
+            lock_run_folder(self.run_dir)
         path = latest_checkpoint(self.save_dir)
+        if not self.enabled:
+            if path is not None:
+                raise ValueError(f"{self.save_dir} already holds checkpoints of a run ({path.name}); resume it (medssl "
+                                 "--resume, bundle setting resume: true), start over with medssl --overwrite, "
+                                 "or choose another output folder")
+            return
         if path is None:
             logger.warning("resume: no checkpoint in %s yet, starting from scratch", self.save_dir)
             return
+        schedules = {k: [dict(f.__dict__) for f in v.lr_lambdas] for k, v in self.load_dict.items()
+                     if isinstance(v, torch.optim.lr_scheduler.LambdaLR)}
+        checkpoint = load_checkpoint(path, map_location=engine.state.device)
+        trainer = checkpoint.get("trainer", {})
+        done_epochs = int(trainer.get("epoch", trainer.get("iteration", 0) // max(1, trainer.get("epoch_length") or 1)))
+        max_epochs = engine.state.max_epochs
+        if max_epochs and done_epochs >= max_epochs:
+            raise ValueError(f"{path} has already trained {done_epochs} epochs; to train on, give a max_epochs larger "
+                             f"than {done_epochs} (now {max_epochs})")
         load_dict = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in self.load_dict.items()}
         load_dict["trainer"] = engine
-        CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location=engine.state.device)(engine)
-        logger.warning("resumed from %s at iteration %d (epoch %d)", path, engine.state.iteration, engine.state.epoch)
+        Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint)
+        engine.state.max_epochs = max_epochs  # the command line's, which may extend the run
+        for key, lambdas in schedules.items():  # the config's schedule, at the restored step
+            scheduler = self.load_dict[key]
+            for f, settings, group, base in zip(scheduler.lr_lambdas, lambdas, scheduler.optimizer.param_groups,
+                                                scheduler.base_lrs):
+                f.__dict__.update(settings)
+                group["lr"] = base * f(scheduler.last_epoch)
+        logger.warning("resumed from %s at iteration %d (epoch %d of %d)", path, engine.state.iteration, engine.state.epoch,
+                       engine.state.max_epochs)
+
+
+def _is_main() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0

@@ -119,6 +119,10 @@ def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: in
     ``distributed=None`` shards over ranks when ``torch.distributed`` is initialised. ``views`` and
     ``schedule``: per-task view pipelines and the schedule choosing among them (see :class:`SeededDataset`).
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)

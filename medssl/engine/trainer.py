@@ -76,6 +76,8 @@ class PretrainTrainer(SupervisedTrainer):
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader, network, optimizer,
                  epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool | str = "auto",
                  clip_grad_norm: float | None = 3.0, seed: int = 0, max_bad_steps: int = 10, non_blocking: bool = True) -> None:
+        if not isinstance(max_epochs, int) or max_epochs < 1:
+            raise ValueError(f"max_epochs must be a whole number >= 1, got {max_epochs!r}")
         if isinstance(network, (Task, list, tuple)):
             network = MultiTask(network)
         device = torch.device(device)
