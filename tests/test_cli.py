@@ -92,7 +92,7 @@ def test_pretrain_and_embed_errors(tmp_path, capsys):
 @pytest.mark.parametrize("spatial_dims,bundle,sets", [
     (2, "dino_xray_2d", ["out_dim=64", "n_local_crops=2"]),
     (3, "mae_dino_ct_3d", ["out_dim=64", "n_local_crops=2"]),
-    (3, "simclr_xray_2d", ["method=barlow", "view_modality=CT"]),
+    (3, "simclr_xray_2d", ["method=barlow", "view_modality=CT", "spatial_dims=3"]),  # a 2D recipe asked for in 3D
 ])
 def test_contrastive_pretraining_then_attention_maps(tmp_path, spatial_dims, bundle, sets):
     data = _tiny_npz(tmp_path / "tiny.npz", spatial_dims, n=16)

@@ -50,8 +50,12 @@ def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict]:
         raise ValueError(f"datalist {path} is not valid JSON ({exc})") from None
     if not isinstance(content, dict) or key not in content:
         raise ValueError(f"datalist {path} has no {key!r} list (keys: {list(content) if isinstance(content, dict) else type(content).__name__})")
+    if not isinstance(content[key], list):
+        raise ValueError(f"datalist {path}: {key!r} must be a list of entries, got {type(content[key]).__name__}")
     entries, missing = [], []
-    for entry in content[key]:
+    for i, entry in enumerate(content[key]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), (str, list)) or not entry["image"]:
+            raise ValueError(f"datalist {path}: {key}[{i}] has no 'image' path ({str(entry)[:80]})")
         entry = dict(entry)
         entry["image"] = _resolve(entry["image"], path.parent.absolute())
         (entries if _exists(entry["image"]) else missing).append(entry)
@@ -72,9 +76,21 @@ def _load_table(path: str) -> list[dict]:
     if not rows or "image" not in rows[0]:
         raise ValueError(f"{path}: a CSV source needs an 'image' column")
     base = Path(path).parent
-    return [{"image": str(_resolve(r["image"], base)), "modality": r.get("modality") or "OT",
-             **({"label": int(r["label"])} if r.get("label", "") != "" else {}),
-             **({"split": r["split"]} if r.get("split") else {})} for r in rows]
+
+    def label(row: dict, line: int) -> dict:
+        text = (row.get("label") or "").strip()
+        if text == "":
+            return {}
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value.is_integer() or value < 0:
+            raise ValueError(f"{path}, line {line}: label {text!r} is not a class number 0, 1, ... (map class names to numbers)")
+        return {"label": int(value)}
+
+    return [{"image": str(_resolve(r["image"], base)), "modality": r.get("modality") or "OT", **label(r, i + 2),
+             **({"split": r["split"]} if r.get("split") else {})} for i, r in enumerate(rows)]
 
 
 def load_source(source, spatial_dims: int | None = None, split: str = "train", salt: str | None = None) -> list[dict]:
@@ -94,7 +110,16 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
         if os.path.isdir(path):
             from .scan import scan_folder
 
-            entries = scan_folder(path, salt=salt, progress=False).entries
+            result = scan_folder(path, salt=salt, progress=False)
+            entries = result.entries
+            if result.skipped:
+                from collections import Counter
+
+                from .scan import reason_kind
+
+                kinds = Counter(reason_kind(s["reason"]) for s in result.skipped)
+                logger.warning("%s: %d file(s) left out: %s (`medssl scan %s` lists each with its reason)", path,
+                               len(result.skipped), ", ".join(f"{n} x {k}" for k, n in kinds.most_common()), path)
         elif path.endswith(".npz"):
             from .medmnist import load_medmnist
 
@@ -108,7 +133,11 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
         else:
             raise ValueError(f"{path}: expected a folder, a datalist .json or a MedMNIST .npz")
     if spatial_dims is not None:
-        entries = [e for e in entries if e.get("spatial_dims", spatial_dims) == spatial_dims]
+        kept = [e for e in entries if e.get("spatial_dims", spatial_dims) == spatial_dims]
+        if len(kept) < len(entries):
+            logger.warning("%s: %d of %d images left out because they are not %dD", source if not isinstance(source, (list, tuple))
+                           else "entries", len(entries) - len(kept), len(entries), spatial_dims)
+        entries = kept
     return entries
 
 

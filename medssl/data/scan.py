@@ -28,7 +28,7 @@ from ..atomic import atomic_write
 from .dicom import DicomFile, UnreadableFile, group_series, looks_like_dicom, read_dicom_header
 from .privacy import default_salt, patient_hash
 
-__all__ = ["ScanResult", "scan_folder", "write_datalist", "VOLUME_SUFFIXES", "PHOTO_SUFFIXES"]
+__all__ = ["ScanResult", "scan_folder", "write_datalist", "reason_kind", "VOLUME_SUFFIXES", "PHOTO_SUFFIXES"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -67,9 +67,9 @@ class ScanResult:
             lines.append(f"\n{self.documents} document file(s) (csv, json, txt ...) passed over")
         if self.skipped:
             lines.append(f"\n{len(self.skipped)} file(s) skipped:")
-            reasons = Counter(_reason_kind(s["reason"]) for s in self.skipped)
+            reasons = Counter(reason_kind(s["reason"]) for s in self.skipped)
             for kind, n in reasons.most_common():
-                example = next(s for s in self.skipped if _reason_kind(s["reason"]) == kind)
+                example = next(s for s in self.skipped if reason_kind(s["reason"]) == kind)
                 lines.append(f"  {n:>5} x {kind}  (e.g. {example['path']}: {example['reason']})")
         return "\n".join(lines)
 
@@ -78,7 +78,8 @@ def _show(image) -> str:
     return f"{image[0]} (+{len(image) - 1} slices)" if isinstance(image, list) else str(image)
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
+    """The kind of a skip reason (its text before the first colon or bracket), for counting."""
     return reason.split(":")[0].split("(")[0].strip()
 
 

@@ -30,7 +30,11 @@ def load_encoder(network: torch.nn.Module, checkpoint: str | os.PathLike) -> tor
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"encoder checkpoint {path} does not exist; pretrain first (medssl pretrain / monai.bundle run)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from ..engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path, map_location="cpu")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a medssl checkpoint (it holds a {type(state).__name__}, not weights)")
     if "network" in state and isinstance(state["network"], dict):  # a full training checkpoint
         state = {k.split("backbone.", 1)[1]: v for k, v in state["network"].items() if k.startswith("backbone.")}
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["load_labelled"]
+__all__ = ["load_labelled", "check_classes"]
 
 
 def _from_entries(entries: list[dict], spatial_dims: int, size: int, channels: int, ct_windows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +48,9 @@ def load_labelled(data: str | os.PathLike, spatial_dims: int = 2, size: int = 28
             entries = load_medmnist(path, split)
             out[split] = (torch.stack([torch.as_tensor(e["image"]) for e in entries]).float(),
                           torch.tensor([int(e["label"]) for e in entries]))
-        return out
+        if "train" not in out or len(out) < 2:
+            raise ValueError(f"{path}: need a 'train' split and a 'val' or 'test' split, found {sorted(out)}")
+        return check_classes(out, path)
     if path.suffix not in (".csv", ".json"):
         raise ValueError(f"{path}: labelled data must be a MedMNIST .npz, a CSV with image,label[,split][,modality] "
                          "columns or a datalist .json whose entries have a label")
@@ -83,4 +85,25 @@ def load_labelled(data: str | os.PathLike, spatial_dims: int = 2, size: int = 28
             out[split] = _from_entries(chosen, spatial_dims, size, channels, ct_windows)
     if "train" not in out or ("val" not in out and "test" not in out):
         raise ValueError(f"{path}: need a 'train' split and a 'val' or 'test' split, found {sorted(out)}")
-    return out
+    return check_classes(out, path)
+
+
+def check_classes(splits: dict, path) -> dict:
+    """Refuse label sets no evaluation can learn from; warn loudly about a one-class evaluation split."""
+    import sys
+
+    train = set(splits["train"][1].tolist())
+    if len(train) < 2:
+        raise ValueError(f"{path}: the train split has one class only ({sorted(train)}); a classifier needs two or more")
+    for name in ("val", "test"):
+        if name not in splits:
+            continue
+        classes = set(splits[name][1].tolist())
+        if classes - train:
+            raise ValueError(f"{path}: classes {sorted(classes - train)} occur in {name} but never in train, so no method "
+                             "can predict them; move some of those images to train")
+        if len(classes) < 2:
+            print(f"medssl: warning: {path}: the {name} split has one class only ({sorted(classes)}): AUC is undefined "
+                  "and accuracy only counts that class; read balanced accuracy, and add images of the other classes",
+                  file=sys.stderr)
+    return splits

@@ -139,3 +139,31 @@ def test_medmnist_2d_images_follow_monai_axis_order_and_display_upright(tmp_path
     assert tensor.shape == ((3,) if rgb else (1,)) + (3, 2)  # (C, W, H), as MONAI's PNG reader gives
     shown = display_2d(tensor)
     np.testing.assert_allclose(shown[..., 0] if rgb else shown, img[..., 0] / 255.0 if rgb else img / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,scale,expect_max", [(np.uint8, 255, 1.0), (np.float32, 1000.0, 1.0), (np.float32, 0.5, 0.5),
+                                                     (np.int16, 3000, 1.0)])
+def test_medmnist_images_are_scaled_by_their_own_range(tmp_path, dtype, scale, expect_max):
+    from medssl.data.medmnist import load_medmnist
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((6, 28, 28)) * scale).astype(dtype)
+    images[0, 0, 0] = dtype(scale) if dtype != np.uint8 else 255  # the range's top is in the split
+    images[0, 0, 1] = 0
+    np.savez(tmp_path / "f.npz", train_images=images, train_labels=np.zeros((6, 1), int))
+    values = np.stack([e["image"] for e in load_medmnist(tmp_path / "f.npz")])
+    assert values.dtype == np.float32 and values.min() == 0.0
+    assert values.max() == pytest.approx(expect_max, rel=1e-6)  # a float archive was divided by 255 before: max 3.9 or 0.002
+
+
+def test_images_left_out_are_reported(phantoms, tmp_path, caplog):
+    import shutil
+
+    folder = shutil.copytree(phantoms, tmp_path / "data")
+    (folder / "ct_nifti" / "empty.nii.gz").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        entries = load_source(folder, spatial_dims=3)
+    assert entries and all(e["spatial_dims"] == 3 for e in entries)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 of 6 images left out because they are not 3D" in said  # the radiograph PNGs
+    assert "1 file(s) left out: 1 x empty file" in said
