@@ -120,12 +120,13 @@ def main() -> None:
     p.add_argument("--poolings", default="cls,mean")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a bundle setting for every objective, e.g. --set koleo_weight=0.1 (keys a bundle lacks are ignored by it)")
+                   help="a bundle setting for every objective whose bundle has it, e.g. --set koleo_weight=0.1")
     p.add_argument("--markdown", help="write the section into this file between <!-- objectives_<data> --> markers")
     p.add_argument("--image", help="copy the comparison plot here (a path under docs/images/)")
     args = p.parse_args()
 
-    from medssl.bundles import data_overrides
+    from medssl.bundle_settings import config_settings
+    from medssl.bundles import bundle_config, data_overrides
     from medssl.cli import parse_sets, evaluate
     from medssl.eval.compare import best_table, compare_results, load_results, paired_table, write_comparison
     from medssl.eval.protocol import EvalPlan
@@ -150,13 +151,19 @@ def main() -> None:
             speed_file.write_text(json.dumps(speeds, indent=1) + "\n")
         print(f"{objective:9} {speeds[objective]:7.1f} samples/s", flush=True)
 
-    common = {**fit, "batch_size": batch, "view_modality": "DX" if dims == 2 else "MR", "picture_every": 5, **parse_sets(args.set or [])}
+    common = {**fit, "batch_size": batch, "view_modality": "DX" if dims == 2 else "MR", "picture_every": 5}
+    sets = parse_sets(args.set or [])
+    known = {o: config_settings(bundle_config(OBJECTIVES[o][1]))[0] for o in objectives}
+    unknown = [k for k in sets if not any(k.split("#")[0] in keys for keys in known.values())]
+    if unknown:
+        raise SystemExit(f"--set {', '.join(unknown)}: no bundle of these objectives has such a setting")
     runs, results = [], {}
     for i, objective in enumerate(objectives):
         label = OBJECTIVES[objective][0]
         epochs = max(1, round(args.minutes * 60 * speeds[objective] / n_train))
         home = out / objective.replace("+", "_")
-        seconds = pretrain_once(objective, {**common, "dataset_dir": str(data), "max_epochs": epochs}, home / "pretrain")
+        own = {k: v for k, v in sets.items() if k.split("#")[0] in known[objective]}  # e.g. koleo_weight: DINO's bundle only
+        seconds = pretrain_once(objective, {**common, **own, "dataset_dir": str(data), "max_epochs": epochs}, home / "pretrain")
         plan = EvalPlan(methods=("probe", "knn"), baselines=("pixels",) if i == 0 else (), seeds=args.seeds,
                         poolings=tuple(args.poolings.split(",")))
         evaluate(home / "pretrain" / "models" / "model.pt", data, home / "evaluation", plan=plan, progress=False)

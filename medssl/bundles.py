@@ -10,9 +10,11 @@ from pathlib import Path
 __all__ = ["bundle_root", "bundle_config", "list_bundles", "check_metadata", "run_bundle", "data_overrides", "bundle_parser", "REQUIRED_METADATA",
            "REQUIRED_TENSOR_KEYS"]
 
-# The mandatory keys of the MONAI Bundle specification (docs.monai.io, mb_specification).
-REQUIRED_METADATA = ("version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version", "task",
-                     "description", "authors", "copyright", "network_data_format")
+# The mandatory keys of the MONAI Bundle specification (docs.monai.io, mb_specification) and of the model zoo's
+# schema (schema, name, changelog; required_packages_version, which MONAI >= 1.4 reads in place of the deprecated
+# optional_packages_version: a file with both loses one when MONAI renames it).
+REQUIRED_METADATA = ("schema", "version", "changelog", "name", "monai_version", "pytorch_version", "numpy_version",
+                     "required_packages_version", "task", "description", "authors", "copyright", "network_data_format")
 REQUIRED_TENSOR_KEYS = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def")
 
 
@@ -49,8 +51,13 @@ def check_metadata(meta: Mapping) -> list[str]:
             continue
         for name, spec in tensors.items():
             problems += [f"network_data_format.{side}.{name} lacks {k!r}" for k in REQUIRED_TENSOR_KEYS if k not in spec]
-    if not isinstance(meta.get("optional_packages_version", {}), Mapping):
-        problems.append("optional_packages_version must be a mapping")
+    if not isinstance(meta.get("required_packages_version", {}), Mapping):
+        problems.append("required_packages_version must be a mapping")
+    if "optional_packages_version" in meta:
+        problems.append("optional_packages_version is deprecated (MONAI renames it over required_packages_version); "
+                        "list every package under required_packages_version")
+    if str(meta.get("version")) not in {str(k) for k in meta.get("changelog", {}) or {}}:
+        problems.append(f"changelog has no entry for version {meta.get('version')!r}")
     return problems
 
 

@@ -27,6 +27,30 @@ PICTURES = {"mae_ct_3d": ["mae"], "mae_xray_2d": ["mae"], "dino_xray_2d": ["dino
             "mae_dino_ct_3d": ["mae", "dino"]}
 
 
+# The required keys and types of the model zoo's metadata schema (meta_schema_20240725.json), vendored so the check
+# runs offline: MONAI's verify_metadata downloads the schema unless the file is already where it looks.
+_TENSOR = {"type": "object", "required": ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range",
+                                          "is_patch_data", "channel_def"],
+           "properties": {"num_channels": {"type": "integer"}, "spatial_shape": {"type": "array"},
+                          "value_range": {"type": "array"}, "is_patch_data": {"type": "boolean"},
+                          "channel_def": {"type": "object"}}}
+MODEL_ZOO_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "required": ["schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                 "required_packages_version", "name", "task", "description", "authors", "copyright", "network_data_format"],
+    "properties": {
+        "schema": {"type": "string"}, "version": {"type": "string"}, "changelog": {"type": "object"},
+        "monai_version": {"type": "string"}, "pytorch_version": {"type": "string"}, "numpy_version": {"type": "string"},
+        "required_packages_version": {"type": "object"}, "name": {"type": "string"}, "task": {"type": "string"},
+        "description": {"type": "string"}, "authors": {"type": "string"}, "copyright": {"type": "string"},
+        "network_data_format": {"type": "object", "required": ["inputs", "outputs"],
+                                "properties": {"inputs": {"type": "object", "additionalProperties": _TENSOR},
+                                               "outputs": {"type": "object", "additionalProperties": _TENSOR}}},
+    },
+}
+
+
 def test_bundles_are_found():
     assert set(BUNDLES) <= set(list_bundles())
     with pytest.raises(FileNotFoundError, match="available"):
@@ -43,7 +67,36 @@ def test_bundle_layout_and_metadata(name):
     assert check_metadata(meta) == []
     broken = {k: v for k, v in meta.items() if k != "authors"}
     del broken["network_data_format"]["inputs"]["image"]["dtype"]
-    assert set(check_metadata(broken)) == {"missing key 'authors'", "network_data_format.inputs.image lacks 'dtype'"}
+    broken["optional_packages_version"] = {"nibabel": "5.0"}
+    assert set(check_metadata(broken)) == {"missing key 'authors'", "network_data_format.inputs.image lacks 'dtype'",
+                                           "optional_packages_version is deprecated (MONAI renames it over "
+                                           "required_packages_version); list every package under required_packages_version"}
+    assert "medssl" in meta["required_packages_version"]
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_monai_checks_pass_metadata_network_and_workflow_properties(name, tmp_path, monkeypatch, caplog):
+    """What a MONAI user runs on a bundle: verify_metadata (offline), verify_net_in_out, check_properties."""
+    pytest.importorskip("jsonschema")
+    from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
+
+    configs = bundle_root(name) / "configs"
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(MODEL_ZOO_SCHEMA))
+    verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(schema))  # raises on a violation
+    with pytest.raises(Exception):  # the vendored schema bites: the same file without its name fails
+        bad = json.loads((configs / "metadata.json").read_text())
+        del bad["name"]
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        verify_metadata(meta_file=str(tmp_path / "bad.json"), filepath=str(schema))
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "inference.yaml"), n=2)  # raises on a mismatch (ViT-Tiny: 192 channels)
+    monkeypatch.chdir(tmp_path)
+    for config, kind in (("train", "train"), ("inference", "infer")):
+        workflow = ConfigWorkflow(config_file=str(configs / f"{config}.yaml"), meta_file=str(configs / "metadata.json"),
+                                  logging_file=False, workflow_type=kind)
+        workflow.initialize()
+        assert workflow.check_properties() == [], (config, caplog.text)
 
 
 @pytest.mark.parametrize("name", BUNDLES)
@@ -85,12 +138,17 @@ def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch)
                 meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.yaml"),
                 use_trace=True, input_shape=shape, **inference)
     scripted = torch.jit.load(str(out / "encoder.ts"))
-    from medssl.models import ViT
+    from medssl.models import ViT, ViTFeatureMap
 
-    eager = ViT(len(shape) - 2, 1, patch_size=TINY[name]["patch_size"], size="micro", window_size=2, global_every=3)
-    eager.load_state_dict(torch.load(model, weights_only=True))
+    eager = ViTFeatureMap(len(shape) - 2, 1, patch_size=TINY[name]["patch_size"], size="micro", window_size=2, global_every=3)
+    eager.load_state_dict(torch.load(model, weights_only=True))  # strict: the bundle's model.pt is the ViT's state dict
     x = torch.rand(*shape)
+    grid = TINY[name]["image_size"] // TINY[name]["patch_size"]
+    assert scripted(x).shape == (1, 48) + (grid,) * (len(shape) - 2)  # channel-first feature map, as metadata.json says
     torch.testing.assert_close(scripted(x), eager.eval()(x), atol=1e-5, rtol=1e-5)
+    tokens = ViT(len(shape) - 2, 1, patch_size=TINY[name]["patch_size"], size="micro", window_size=2, global_every=3)
+    tokens.load_state_dict(torch.load(model, weights_only=True))
+    torch.testing.assert_close(eager(x).flatten(2).transpose(1, 2), tokens.eval()(x)[:, 1:], atol=1e-5, rtol=1e-5)
 
 
 def test_resume_continues_a_bundle_run(phantoms, tmp_path, monkeypatch):

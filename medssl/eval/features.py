@@ -7,23 +7,18 @@ blocks weighted by their foreground share, so blocks of pure air do not dilute i
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
-from ..atomic import atomic_write
+from ..models.feature_map import ViTFeatureMap
 from ..models.pooling import pool_tokens
 
-__all__ = ["tiles", "embed_image", "extract_embeddings", "write_embeddings", "load_encoder"]
-
-logger = logging.getLogger(__name__)
-
+__all__ = ["tiles", "embed_image", "load_encoder"]
 
 def load_encoder(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
     """Load encoder weights (a bare state dict, e.g. a bundle's ``models/model.pt``) into ``network``."""
@@ -65,51 +60,15 @@ def tiles(img: torch.Tensor, tile: int | Sequence[int]) -> tuple[torch.Tensor, t
 @torch.no_grad()
 def embed_image(encoder: torch.nn.Module, img: torch.Tensor, pooling: str = "mean", tile: int | Sequence[int] | None = None,
                 chunk: int = 16) -> torch.Tensor:
-    """Embedding of one image ``(C, *spatial)`` (on the encoder's device): ``(F,)``."""
+    """Embedding of one image ``(C, *spatial)`` (on the encoder's device): ``(F,)``.
+
+    A :class:`~medssl.models.ViTFeatureMap` (the bundles' MONAI-facing network) is pooled from its tokens.
+    """
+    encode = encoder.tokens if isinstance(encoder, ViTFeatureMap) else encoder
     if tile is None:
-        return pool_tokens(encoder(img[None]), pooling, encoder.num_prefix_tokens)[0]
+        return pool_tokens(encode(img[None]), pooling, encoder.num_prefix_tokens)[0]
     blocks, share = tiles(img, tile)
-    out = torch.cat([pool_tokens(encoder(blocks[i:i + chunk]), pooling, encoder.num_prefix_tokens)
+    out = torch.cat([pool_tokens(encode(blocks[i:i + chunk]), pooling, encoder.num_prefix_tokens)
                      for i in range(0, len(blocks), chunk)])  # (T, F)
     weight = share if share.sum() > 0 else torch.ones_like(share)
     return (out.float() * weight[:, None]).sum(0) / weight.sum()
-
-
-@torch.no_grad()
-def extract_embeddings(encoder: torch.nn.Module, loader, pooling: str = "mean", tile: int | Sequence[int] | None = None,
-                       device: str | torch.device | None = None, progress: bool = True) -> dict[str, np.ndarray]:
-    """Embeddings of every image ``loader`` yields: ``embeddings (N, F)``, ``patient (N,)``, ``label (N,)`` if known."""
-    from tqdm.auto import tqdm
-
-    device = torch.device(device) if device else next(encoder.parameters()).device
-    encoder = encoder.to(device).eval()
-    feats, patients, labels = [], [], []
-    for batch in tqdm(loader, desc=f"embedding ({pooling})", unit="batch", disable=not progress):
-        images = batch["image"].to(device)
-        for i, img in enumerate(images):
-            feats.append(embed_image(encoder, img, pooling, tile).float().cpu())
-        patients += [str(p) for p in batch.get("patient", [""] * len(images))]
-        if "label" in batch:
-            labels += [int(v) for v in torch.as_tensor(batch["label"]).reshape(len(images), -1)[:, 0]]
-    out = {"embeddings": torch.stack(feats).numpy(), "patient": np.asarray(patients)}
-    if labels and len(labels) == len(feats):
-        out["label"] = np.asarray(labels)
-    return out
-
-
-def write_embeddings(network: torch.nn.Module, dataloader, out_file: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                     pooling: str = "mean", tile: int | Sequence[int] | None = None, device: str | torch.device | None = None,
-                     progress: bool = True) -> Path:
-    """Embed every image of ``dataloader`` and write an ``.npz`` atomically (a bundle's inference ``run``).
-
-    The file holds ``embeddings`` (N, F), ``patient`` (salted hashes, never names), ``label`` when
-    every item has one, and ``pooling``.
-    """
-    if checkpoint is not None:
-        load_encoder(network, checkpoint)
-    result = extract_embeddings(network, dataloader, pooling, tile, device, progress)
-    out = Path(out_file)
-    with atomic_write(out) as f:
-        np.savez(f, pooling=np.asarray(pooling), **result)
-    logger.info("wrote %s (%d embeddings of size %d)", out, *result["embeddings"].shape)
-    return out

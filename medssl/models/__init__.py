@@ -1,11 +1,12 @@
 """Backbones: the 2D/3D ViT, its position embeddings, windows, pooling and export to MONAI."""
 
 from .blocks import Attention, Block, key_padding_mask
+from .feature_map import ViTFeatureMap
 from .export import monai_vit_state_dict, to_monai_vit
 from .pooling import POOLINGS, pool_tokens
 from .position import sincos_position_embedding
 from .vit import SIZES, ViT
 from .windows import WindowLayout
 
-__all__ = ["ViT", "SIZES", "Attention", "Block", "key_padding_mask", "WindowLayout", "sincos_position_embedding", "POOLINGS", "pool_tokens",
+__all__ = ["ViT", "ViTFeatureMap", "SIZES", "Attention", "Block", "key_padding_mask", "WindowLayout", "sincos_position_embedding", "POOLINGS", "pool_tokens",
            "monai_vit_state_dict", "to_monai_vit"]
