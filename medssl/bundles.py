@@ -61,6 +61,9 @@ def check_metadata(meta: Mapping) -> list[str]:
     return problems
 
 
+_WORKFLOW_TYPES = {"train": "train", "inference": "infer", "evaluate": "infer"}  # MONAI's property sets per config
+
+
 def bundle_config(name: str | os.PathLike, config: str = "train") -> Path:
     """The path of ``configs/<config>.yaml`` of bundle ``name``, with a clear error if it has none."""
     path = bundle_root(name) / "configs" / f"{config}.yaml"
@@ -91,7 +94,8 @@ def run_bundle(name: str | os.PathLike, config: str = "train", overrides: Mappin
     settings = {"bundle_root": os.getcwd(), **(overrides or {})}
     check_known(settings, *config_settings(config_file), where=f"bundle {Path(name).name} ({config})")
     workflow = ConfigWorkflow(config_file=str(config_file), meta_file=str(configs / "metadata.json"),
-                              logging_file=str(configs / "logging.conf"), workflow_type=None, tracking=tracking, **settings)
+                              logging_file=str(configs / "logging.conf"), workflow_type=_WORKFLOW_TYPES.get(config),
+                              tracking=tracking, **settings)
     workflow.initialize()
     workflow.run()
     workflow.finalize()

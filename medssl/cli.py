@@ -100,12 +100,13 @@ def private_path(path: str | Path) -> str:
 
 
 def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False, progress: bool = True,
-             overwrite: bool = False, private: bool = False) -> Path:
+             overwrite: bool = False, private: bool = False, tracking: str | None = None) -> Path:
     """Run bundle ``bundle``'s train config into ``out``; records the settings in ``out/run.json``.
 
     The folder is locked for the run. A fresh run into a folder that holds checkpoints is refused
     unless ``resume`` (continue it) or ``overwrite`` (delete its checkpoints, pictures, logs and
     record first). ``private`` records the data folder as a hash instead of its path.
+    ``tracking="mlflow"`` logs the run with MONAI's MLflow handlers (``OUT/mlruns.db``).
     ``progress=False`` hides the per-epoch bar (the epoch summary lines stay); it is not recorded.
     """
     import shutil
@@ -146,7 +147,8 @@ def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False
             recorded["dataset_dir"] = private_path(recorded["dataset_dir"])
         with atomic_write(record, "w") as f:
             f.write(json.dumps({"bundle": bundle, "overrides": recorded}, indent=2) + "\n")
-        run_bundle(bundle, "train", {**overrides, "output_dir": str(out), "resume": resume, "progress": progress})
+        run_bundle(bundle, "train", {**overrides, "output_dir": str(out), "resume": resume, "progress": progress},
+                   tracking=tracking)
     finally:
         release_run_folder(out)
     return out
@@ -154,7 +156,7 @@ def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False
 
 def _pretrain(args) -> int:
     out = pretrain(args.bundle, args.out, _pretrain_overrides(args), resume=args.resume, progress=not args.quiet,
-                   overwrite=args.overwrite, private=args.private)
+                   overwrite=args.overwrite, private=args.private, tracking=args.tracking)
     print(f"\nencoder:     {out / 'models' / 'model.pt'}\ncheckpoints: {out / 'models'}\n"
           f"pictures:    {out / 'pictures'}\nlogs:        {out / 'logs'}  (tensorboard --logdir {out / 'logs'})")
     return 0
@@ -359,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run (deletes its "
                    "checkpoints, pictures, logs and run.json)")
     p.add_argument("--private", action="store_true", help="record the data folder in run.json as a hash, not its path")
+    p.add_argument("--tracking", choices=("mlflow",), help="experiment tracking with MONAI's MLflow handlers "
+                   "(pip install medssl[mlflow]); runs are stored in OUT/mlruns.db")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="data loader processes")
     p.add_argument("--size", choices=("micro", "tiny", "small", "base"), help="ViT size")

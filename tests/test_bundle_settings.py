@@ -126,3 +126,22 @@ def test_monai_runner_trains_global_with_0_and_refuses_typos_in_one_line(tmp_pat
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     last = missing.stderr.strip().splitlines()[-1]
     assert last.startswith("python -m monai.bundle: error:") and "moved" in last and "does not exist" in last
+
+
+def test_mlflow_tracking_logs_the_loss_on_both_paths(tmp_path, phantoms):
+    pytest.importorskip("mlflow")
+    settings = ["--dataset_dir", str(phantoms / "ct_dicom"), "--vit_size", "micro", "--image_size", "16", "--patch_size", "4",
+                "--batch_size", "2", "--cache", "none", "--max_epochs", "1"]
+    done = _monai_run(tmp_path, *settings, "--output_dir", str(tmp_path / "run"), "--tracking", "mlflow")
+    assert done.returncode == 0, done.stderr[-1500:]  # crashed at iteration 1: float() of a tuple
+    assert (tmp_path / "run" / "mlruns.db").stat().st_size > 0
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and "train_loss" in runs[0].data.metrics
+    out = tmp_path / "medssl_run"
+    assert main(["-q", "pretrain", "--bundle", "mae_ct_3d", "--data", str(phantoms / "ct_dicom"), "--out", str(out),
+                 "--size", "micro", "--image-size", "16", "--patch-size", "4", "--batch-size", "2", "--max-epochs", "1",
+                 "--set", "cache=none", "--tracking", "mlflow"]) == 0
+    assert (out / "mlruns.db").stat().st_size > 0

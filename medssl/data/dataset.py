@@ -93,7 +93,8 @@ def _load_table(path: str) -> list[dict]:
              **({"split": r["split"]} if r.get("split") else {})} for i, r in enumerate(rows)]
 
 
-def load_source(source, spatial_dims: int | None = None, split: str = "train", salt: str | None = None) -> list[dict]:
+def load_source(source, spatial_dims: int | None = None, split: str = "train", salt: str | None = None,
+                min_size: int | None = None) -> list[dict]:
     """Entries from a datalist ``.json``, a MedMNIST ``.npz``, a folder (scanned now), a CSV or a list.
 
     A CSV needs an ``image`` column (paths relative to the CSV) and may have ``modality``,
@@ -102,6 +103,8 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
     Args:
         spatial_dims: keep only entries of this dimensionality (``None`` keeps all).
         split: the MedMNIST split to read.
+        min_size: the training patch edge: 3D volumes thinner than it along an axis are reported
+            (they train mostly on padding).
     """
     if isinstance(source, (list, tuple)):
         entries = [dict(e) for e in source]
@@ -138,6 +141,12 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
             logger.warning("%s: %d of %d images left out because they are not %dD", source if not isinstance(source, (list, tuple))
                            else "entries", len(entries) - len(kept), len(entries), spatial_dims)
         entries = kept
+    if min_size:
+        thin = [e for e in entries if e.get("spatial_dims") == 3 and e.get("shape") and min(e["shape"]) < min_size]
+        if thin:
+            e = thin[0]
+            logger.warning("%d of %d volumes are thinner than the %d-voxel training patch along an axis (e.g. %s, shape %s): "
+                           "they train mostly on padding", len(thin), len(entries), min_size, describe(e["image"]), e["shape"])
     return entries
 
 
@@ -211,7 +220,10 @@ def build_dataset(entries: Sequence[dict], transform, cache: str | None = None, 
     if cache is None or cache == "none":
         ds = Dataset(list(entries), transform)
     elif cache == "memory":
-        ds = SafeCacheDataset(list(entries), transform, num_workers=num_workers, progress=progress, copy_cache=False)
+        import sys
+
+        ds = SafeCacheDataset(list(entries), transform, num_workers=num_workers, progress=progress and sys.stderr.isatty(),
+                              copy_cache=False)
     elif cache == "disk":
         if cache_dir is None:
             raise ValueError("cache='disk' needs a cache_dir")

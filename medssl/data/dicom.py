@@ -55,6 +55,7 @@ class DicomFile:
     image_type: tuple[str, ...]
     echo: str
     temporal: str
+    notes: tuple[str, ...] = ()  # header problems worked around (kept on the entry as warnings)
 
     @property
     def is_phase(self) -> bool:
@@ -64,7 +65,8 @@ class DicomFile:
     def volume_key(self) -> tuple:
         """Files with equal keys may be stacked into one volume."""
         ori = None if self.orientation is None else tuple(np.round(self.orientation, 3))
-        return (self.series_uid, self.modality, self.rows, self.cols, self.samples, ori, self.echo, self.temporal)
+        return (self.series_uid, self.patient_id, self.modality, self.rows, self.cols, self.samples, ori, self.echo,
+                self.temporal)
 
 
 @dataclass
@@ -138,19 +140,37 @@ def read_dicom_header(path: str, force: bool = False) -> DicomFile:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
+    notes = []
     spacing = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
     if spacing is not None and min(spacing) <= 0:  # seen in the wild: ImagerPixelSpacing 0\0
         spacing = None
+    if spacing is None and (ds.get("PixelSpacing") is not None or ds.get("ImagerPixelSpacing") is not None):
+        shown = ds.get("PixelSpacing") if ds.get("PixelSpacing") is not None else ds.get("ImagerPixelSpacing")
+        text = str(shown) if isinstance(shown, (str, bytes)) else "\\".join(str(v) for v in shown)  # as written: a\b
+        notes.append(f"pixel spacing {text[:40]!r} is not readable: 1 mm assumed")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UnreadableFile(f"image size in the header is not readable ({exc})") from None
+    if rows < 1 or cols < 1:
+        raise UnreadableFile(f"header gives an image of {rows} x {cols} pixels")
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    native = syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "")  # uncompressed
+    need = rows * cols * samples * max(1, bits // 8) * max(1, _int(ds.get("NumberOfFrames", 1)))
+    if native and length not in (None, _UNDEFINED_LENGTH) and length < need:
+        raise UnreadableFile(f"header says {rows} x {cols} pixels ({need} bytes) but the pixel data holds {length} bytes")
     patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or ds.get("StudyInstanceUID", "") or "unknown")
     return DicomFile(
         path=path,
         series_uid=str(ds.get("SeriesInstanceUID", "") or f"no-series:{path}"),
         modality=modality,
         patient_id=patient,
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        rows=rows,
+        cols=cols,
         frames=frames,
-        samples=int(ds.get("SamplesPerPixel", 1) or 1),
+        samples=samples,
         photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
         position=_floats(ds.get("ImagePositionPatient"), 3),
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
@@ -158,7 +178,15 @@ def read_dicom_header(path: str, force: bool = False) -> DicomFile:
         image_type=tuple(str(t).upper() for t in (ds.get("ImageType") or ())),
         echo=str(ds.get("EchoNumbers", "") or ""),
         temporal=str(ds.get("TemporalPositionIdentifier", "") or ""),
+        notes=tuple(notes),
     )
+
+
+def _int(value, default: int = 1) -> int:
+    try:
+        return int(value or default)
+    except (TypeError, ValueError):
+        return default
 
 
 def _in_plane(f: DicomFile) -> tuple[list[int], list[float]]:
@@ -172,7 +200,8 @@ def _single(f: DicomFile) -> DicomSeries:
     dims = 3 if f.frames > 1 else 2
     if dims == 3:
         shape, spacing = shape + [f.frames], spacing + [1.0]
-    return DicomSeries([f.path], f.modality, f.patient_id, dims, shape, spacing, f.photometric, f.samples)
+    return DicomSeries([f.path], f.modality, f.patient_id, dims, shape, spacing, f.photometric, f.samples,
+                       list(f.notes))
 
 
 def _stack(files: list[DicomFile]) -> DicomSeries:
@@ -191,6 +220,15 @@ def _stack(files: list[DicomFile]) -> DicomSeries:
         warnings.append(f"{duplicates} duplicate slice position(s) dropped")
         steps = np.diff(depth)
     step = float(np.median(steps)) if len(steps) else 1.0
+    if len(files) > 1 and step > 0:  # gantry tilt: slice origins drift in-plane as the stack advances
+        origins = np.array([f.position for f in files], dtype=float)
+        drift = origins[-1] - origins[0]
+        along = np.dot(drift, normal)
+        sideways = np.linalg.norm(drift - along * normal)
+        angle = float(np.degrees(np.arctan2(sideways, abs(along)))) if abs(along) > 0 else 0.0
+        if angle > 0.5:
+            warnings.append(f"gantry tilt of about {angle:.1f} degrees: slices kept as acquired (not resampled), "
+                            "so the volume is slightly sheared")
     if len(steps) and np.any(np.abs(steps - step) > 0.1 * step):
         gaps = steps[steps > 1.5 * step]
         if len(gaps):
@@ -199,6 +237,7 @@ def _stack(files: list[DicomFile]) -> DicomSeries:
         else:
             warnings.append(f"uneven slice spacing: {steps.min():.2f} to {steps.max():.2f} mm")
     shape, spacing = _in_plane(files[0])
+    notes = sorted({n for f in files for n in f.notes})
     return DicomSeries(
         [f.path for f in files],
         files[0].modality,
@@ -208,7 +247,7 @@ def _stack(files: list[DicomFile]) -> DicomSeries:
         spacing + [round(step, 4)],
         files[0].photometric,
         files[0].samples,
-        warnings,
+        notes + warnings,
     )
 
 
@@ -222,16 +261,27 @@ def group_series(files: list[DicomFile]) -> tuple[list[DicomSeries], list[tuple[
     skipped: list[tuple[str, str]] = []
     groups: dict[tuple, list[DicomFile]] = defaultdict(list)
     singles: list[DicomFile] = []
+    placed = {f.series_uid for f in files if f.position is not None and f.orientation is not None}
+    patients = defaultdict(set)
     for f in files:
+        patients[f.series_uid].add(f.patient_id)
+    for f in files:
+        volume_slice = f.modality not in PROJECTION_MODALITIES and f.frames == 1
         if f.is_phase:
             kind = "/".join(f.image_type)
             skipped.append((f.path, f"MR phase image (ImageType {kind}); medssl pretrains on magnitude images"))
-        elif f.modality in PROJECTION_MODALITIES or f.frames > 1 or f.position is None or f.orientation is None:
+        elif volume_slice and (f.position is None or f.orientation is None) and f.series_uid in placed:
+            skipped.append((f.path, "slice without ImagePositionPatient/ImageOrientationPatient: it cannot be placed in "
+                                    f"its series {f.series_uid[-24:]}, whose other slices have positions"))
+        elif not volume_slice or f.position is None or f.orientation is None:
             singles.append(f)
         else:
             groups[f.volume_key()].append(f)
     series = [_single(f) for f in singles]
     for members in groups.values():
         series.append(_single(members[0]) if len(members) == 1 else _stack(members))
+        if len(patients[members[0].series_uid]) > 1:
+            series[-1].warnings.append(f"SeriesInstanceUID shared by {len(patients[members[0].series_uid])} patients: "
+                                       "their slices are kept apart, one volume per patient")
     series.sort(key=lambda s: s.files[0])
     return series, skipped

@@ -274,15 +274,40 @@ def _examine(args) -> tuple[str, object]:
         return "skip", f"unreadable ({exc.strerror or exc})"
 
 
-def _walk(root: str, exclude: set[str]) -> list[str]:
-    paths = []
-    for folder, dirs, files in os.walk(root):
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk gives undecodable bytes as surrogates
+        return False
+    return True
+
+
+def _walk(root: str, exclude: set[str]) -> tuple[list[str], list[dict]]:
+    """Files to examine, and the folders and names that cannot be (unreadable folders, non-UTF-8 names)."""
+    paths, skipped = [], []
+
+    def unreadable(exc: OSError) -> None:
+        skipped.append({"path": _printable(exc.filename or root), "reason": f"unreadable folder ({exc.strerror or exc})"})
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in [d for d in dirs if not _utf8(d)]:
+            dirs.remove(d)
+            skipped.append({"path": _printable(os.path.join(folder, d)), "reason": "folder name is not valid UTF-8"})
         for name in sorted(files):
             path = os.path.join(folder, name)
-            if not name.startswith(".") and os.path.abspath(path) not in exclude:
-                paths.append(path)
-    return paths
+            if name.startswith(".") or os.path.abspath(path) in exclude:
+                continue
+            if not _utf8(name):
+                skipped.append({"path": _printable(path), "reason": "file name is not valid UTF-8 (rename it)"})
+                continue
+            paths.append(path)
+    return paths, skipped
+
+
+def _printable(path: str) -> str:
+    """``path`` with undecodable bytes shown as ``\\xNN`` escapes (so it can be printed and written to JSON)."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def scan_folder(
@@ -318,8 +343,8 @@ def scan_folder(
     if not os.path.isdir(root):
         raise NotADirectoryError(f"scan: {root} is a file; give the folder that contains it")
     salt = default_salt() if salt is None else salt  # once, before the worker threads start
-    paths = _walk(root, {os.path.abspath(p) for p in exclude})
-    result = ScanResult()
+    paths, unreachable = _walk(root, {os.path.abspath(p) for p in exclude})
+    result = ScanResult(skipped=unreachable)
     dicoms: list[DicomFile] = []
     if patient_from not in ("file", "folder"):
         raise ValueError(f"patient_from must be 'file' or 'folder', got {patient_from!r}")

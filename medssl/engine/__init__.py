@@ -2,11 +2,12 @@
 
 from .checkpoint import AtomicCheckpointSaver, ResumeFromLatest, atomic_save, latest_checkpoint, unwrap
 from .determinism import EpochSampler, SeededDataset, derive_seed, pretrain_loader
-from .handlers import ProgressBar, TaskPictures, scalars
+from ..distributed import is_main_process
+from .handlers import MainProcessOnly, ProgressBar, TaskPictures, scalars
 from .lr_schedule import WarmupCosine, warmup_cosine
 from .multitask import MultiTask, TaskSchedule
 from .trainer import PretrainTrainer, autocast_dtype
 
 __all__ = ["PretrainTrainer", "autocast_dtype", "MultiTask", "TaskSchedule", "EpochSampler", "SeededDataset", "derive_seed",
            "pretrain_loader", "AtomicCheckpointSaver", "ResumeFromLatest", "atomic_save", "latest_checkpoint", "unwrap",
-           "ProgressBar", "TaskPictures", "scalars", "WarmupCosine", "warmup_cosine"]
+           "ProgressBar", "TaskPictures", "MainProcessOnly", "is_main_process", "scalars", "WarmupCosine", "warmup_cosine"]

@@ -20,6 +20,7 @@ from ignite.engine import Events
 from ignite.handlers import Checkpoint
 
 from ..atomic import atomic_write
+from ..distributed import is_main_process
 from .run_folder import lock_run_folder, release_run_folder
 
 __all__ = ["atomic_save", "load_checkpoint", "latest_checkpoint", "AtomicCheckpointSaver", "ResumeFromLatest", "unwrap"]
@@ -76,7 +77,7 @@ class AtomicCheckpointSaver:
 
     def __call__(self, engine) -> None:
         iteration = engine.state.iteration
-        if iteration == self._last or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        if iteration == self._last or not is_main_process():
             return
         self._last = iteration
         state = {k: _state(v) for k, v in self.save_dict.items()}
@@ -125,7 +126,7 @@ class ResumeFromLatest:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._release_and_raise)
 
     def _release(self, engine) -> None:
-        if _is_main():
+        if is_main_process():
             release_run_folder(self.run_dir)
 
     def _release_and_raise(self, engine, error: BaseException) -> None:
@@ -133,7 +134,7 @@ class ResumeFromLatest:
         raise error  # ignite hands an exception to its EXCEPTION_RAISED handlers instead of raising it
 
     def __call__(self, engine) -> None:
-        if _is_main():
+        if is_main_process():
             lock_run_folder(self.run_dir)
         path = latest_checkpoint(self.save_dir)
         if not self.enabled:
@@ -166,7 +167,3 @@ class ResumeFromLatest:
                 group["lr"] = base * f(scheduler.last_epoch)
         logger.warning("resumed from %s at iteration %d (epoch %d of %d)", path, engine.state.iteration, engine.state.epoch,
                        engine.state.max_epochs)
-
-
-def _is_main() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0

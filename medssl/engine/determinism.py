@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 
+from ..distributed import is_distributed, world_size
+from ..distributed import rank as this_rank
+
 __all__ = ["derive_seed", "EpochSampler", "SeededDataset", "pretrain_loader"]
 
 
@@ -124,8 +127,8 @@ def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: in
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
     if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        distributed = is_distributed()
+    world, rank = (world_size(), this_rank()) if distributed else (1, 0)
     if len(dataset) // world < batch_size and drop_last:
         batch_size = max(1, len(dataset) // world)  # a tiny dataset still gives one full batch per epoch
     sampler = EpochSampler(len(dataset), seed=seed, num_replicas=world, rank=rank)

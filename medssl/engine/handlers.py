@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 from ignite.engine import Events
 
 from .checkpoint import unwrap
+from ..distributed import is_main_process
 
-__all__ = ["ProgressBar", "TaskPictures", "scalars"]
+__all__ = ["ProgressBar", "TaskPictures", "MainProcessOnly", "scalars"]
 
 logger = logging.getLogger("medssl.train")
 
@@ -22,21 +24,39 @@ def scalars(output):
 
 
 class ProgressBar:
-    """ignite's tqdm progress bar over each epoch showing the loss (``bar``), and one summary line per epoch."""
+    """Progress over each epoch, and one summary line per epoch, from rank 0 only.
 
-    def __init__(self, persist: bool = False, summary: bool = True, bar: bool = True) -> None:
-        self.persist, self.summary, self.bar = persist, summary, bar
+    On a terminal, ignite's tqdm bar with the loss (``bar``); when the output is not a terminal (a
+    log file, a batch job), plain lines every ``lines_per_epoch``-th of the epoch instead of
+    carriage-return updates.
+    """
+
+    def __init__(self, persist: bool = False, summary: bool = True, bar: bool = True, lines_per_epoch: int = 4) -> None:
+        self.persist, self.summary, self.bar, self.lines_per_epoch = persist, summary, bar, lines_per_epoch
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
     def attach(self, engine) -> None:
         from ignite.handlers import ProgressBar as IgniteBar
 
-        if self.bar:
+        if not is_main_process():
+            return
+        if self.bar and sys.stderr.isatty():
             IgniteBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": out["loss"]})
+        elif self.bar:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._line)
         if self.summary:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+    def _line(self, engine) -> None:
+        length = engine.state.epoch_length or 1
+        done = (engine.state.iteration - 1) % length + 1
+        every = max(1, length // max(1, self.lines_per_epoch))
+        if done % every == 0 and done < length:
+            loss = (engine.state.output or {}).get("loss", float("nan"))
+            print(f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {done}/{length} iterations, loss {loss:.4g}",
+                  file=sys.stderr, flush=True)
 
     def _accumulate(self, engine) -> None:
         output = engine.state.output or {}
@@ -77,7 +97,7 @@ class TaskPictures:
             self.batch = {k: v[: self.n].detach().clone() for k, v in engine.state.batch.items() if isinstance(v, torch.Tensor)}
 
     def __call__(self, engine, final: bool = False) -> None:
-        if self.batch is None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        if self.batch is None or not is_main_process():
             return
         from ..viz.panels import write_panels
 
@@ -95,3 +115,19 @@ class TaskPictures:
                     title = f"{name} - epoch {engine.state.epoch}, iteration {engine.state.iteration}"
                     self.written.append(write_panels(images, self.out_dir / f"{name}_{tag}.png", title=title))
         network.train(was_training)
+
+
+class MainProcessOnly:
+    """Make and attach a handler on rank 0 only (TensorBoard logs: one writer per run, not one per process).
+
+    ``handler`` is a handler, or a factory for one (a config's ``_mode_: callable``), which is
+    better: TensorBoard's writer creates its file when it is made, not when it is attached.
+    """
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+
+    def attach(self, engine) -> None:
+        if is_main_process():
+            handler = self.handler if hasattr(self.handler, "attach") else self.handler()
+            handler.attach(engine)

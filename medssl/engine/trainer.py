@@ -20,6 +20,7 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
+from ..distributed import rank
 from ..tasks.base import Task
 from .checkpoint import unwrap
 from .determinism import EpochSampler, derive_seed
@@ -61,6 +62,19 @@ def autocast_dtype(device: torch.device | str, amp: bool | str = "auto") -> torc
     return None
 
 
+def _fit_decollated_transform(handler) -> None:
+    """Let a handler that reads MONAI's decollated output (a list of per-sample dicts) read our step's dict.
+
+    ``--tracking mlflow`` adds an ``MLFlowHandler`` whose ``output_transform`` is
+    ``from_engine(['loss'], first=True)``: on a list of dicts that is the loss, on our dict a
+    tuple, which crashed ``float()`` at iteration 1. Such a transform is given the dict as a
+    one-item list; other transforms are left as they are.
+    """
+    transform = getattr(handler, "output_transform", None)
+    if getattr(transform, "__qualname__", "").startswith("from_engine."):
+        handler.output_transform = lambda out, t=transform: t([out]) if isinstance(out, dict) else t(out)
+
+
 class PretrainTrainer(SupervisedTrainer):
     """Self-supervised pretraining on ``monai.engines``.
 
@@ -78,6 +92,8 @@ class PretrainTrainer(SupervisedTrainer):
                  clip_grad_norm: float | None = 3.0, seed: int = 0, max_bad_steps: int = 10, non_blocking: bool = True) -> None:
         if not isinstance(max_epochs, int) or max_epochs < 1:
             raise ValueError(f"max_epochs must be a whole number >= 1, got {max_epochs!r}")
+        for handler in train_handlers or ():
+            _fit_decollated_transform(handler)
         if isinstance(network, (Task, list, tuple)):
             network = MultiTask(network)
         device = torch.device(device)
@@ -88,7 +104,7 @@ class PretrainTrainer(SupervisedTrainer):
         if self.autocast == torch.float16:
             self.scaler = torch.amp.GradScaler(device.type)
         self.clip_grad_norm, self.seed, self.max_bad_steps = clip_grad_norm, seed, max_bad_steps
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        self.rank = rank()
         self._bad_steps = 0
         self._positioned = False
         self.add_event_handler(Events.STARTED, self._reset_position)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import is_distributed, world_size
 from .base import Task, register_task
 from .heads import DINOHead
 
@@ -159,9 +160,9 @@ class DINOTask(Task):
     @torch.no_grad()
     def _update_center(self, t_out: torch.Tensor) -> None:
         batch_center = t_out.mean(0, keepdim=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             torch.distributed.all_reduce(batch_center)
-            batch_center /= torch.distributed.get_world_size()
+            batch_center /= world_size()
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import rank, world_size
 from .base import Task
 
 __all__ = ["TwoViewTask", "pair_views", "gather_ranks"]
@@ -23,11 +24,11 @@ def gather_ranks(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     gradients, and DDP's averaging of parameter gradients then gives the global batch's gradient.
     Without a process group (or with one rank) ``z`` is returned as it is.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+    if world_size() == 1:
         return z, 0
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(z)), torch.distributed.get_rank() * z.shape[0]
+    return torch.cat(all_gather(z)), rank() * z.shape[0]
 
 
 def pair_views(backbone: nn.Module, projector: nn.Module, views: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,3 +140,92 @@ def test_nrrd_and_mha_volumes_scan_with_their_geometry(tmp_path):
     entries = scan_folder(tmp_path, progress=False).entries
     assert len(entries) == 8
     assert all(e["shape"] == [8, 7, 6] and e["spacing"] == [0.5, 0.75, 2.0] and e["modality"] == "MR" for e in entries)
+
+
+def _edit_series(phantoms, tmp_path, name, change, case="case_000"):
+    """A copy of a phantom series with ``change(index, dataset)`` applied to every slice."""
+    files = _copy_series(phantoms / "ct_dicom" / case, tmp_path / name)
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        change(i, ds)
+        ds.save_as(f)
+    return tmp_path / name
+
+
+def test_gantry_tilt_is_warned_and_kept(phantoms, tmp_path):
+    def tilt(i, ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.35 * z, z]  # origins drift in-plane: about 19 degrees
+
+    entry = scan_folder(_edit_series(phantoms, tmp_path, "tilted", tilt), progress=False).entries[0]
+    assert len(entry["image"]) == 20 and any("gantry tilt of about 19" in w and "kept" in w for w in entry["warnings"])
+
+
+def test_a_slice_without_position_is_skipped_with_a_reason_not_made_a_2d_image(phantoms, tmp_path):
+    def drop(i, ds):
+        if i == 5:
+            del ds.ImagePositionPatient
+
+    result = scan_folder(_edit_series(phantoms, tmp_path, "nopos", drop), progress=False)
+    assert [e["spatial_dims"] for e in result.entries] == [3]  # before: a 3D volume and a stray 2D slice
+    assert len(result.entries[0]["image"]) == 19
+    assert len(result.skipped) == 1 and "without ImagePositionPatient" in result.skipped[0]["reason"]
+
+
+def test_unparseable_spacing_and_lying_rows_are_reported(phantoms, tmp_path):
+    def spacing(i, ds):
+        from pydicom.dataelem import DataElement
+
+        ds["PixelSpacing"] = DataElement(0x00280030, "LO", "abc\\def")  # text where numbers belong (pydicom refuses DS)
+
+    entry = scan_folder(_edit_series(phantoms, tmp_path, "spacing", spacing), progress=False).entries[0]
+    assert any("not readable: 1 mm assumed" in w for w in entry["warnings"])
+
+    def rows(i, ds):
+        ds.Rows = ds.Rows * 4  # the header claims more pixels than the file holds
+
+    result = scan_folder(_edit_series(phantoms, tmp_path, "rows", rows), progress=False)
+    assert result.entries == [] and len(result.skipped) == 20
+    assert "header says" in result.skipped[0]["reason"] and "pixel data holds" in result.skipped[0]["reason"]
+
+
+def test_two_patients_sharing_a_series_uid_are_kept_apart(phantoms, tmp_path):
+    uid = pydicom.dcmread(next((phantoms / "ct_dicom" / "case_000").iterdir())).SeriesInstanceUID
+    shared = tmp_path / "shared"
+    _edit_series(phantoms, shared, "a", lambda i, ds: None)
+    _edit_series(phantoms, shared, "b", lambda i, ds: setattr(ds, "SeriesInstanceUID", uid), case="case_001")
+    result = scan_folder(shared, progress=False)
+    assert [len(e["image"]) for e in result.entries] == [20, 20]  # before: one volume, the second patient "duplicate slices"
+    assert len({e["patient"] for e in result.entries}) == 2
+    assert all(any("shared by 2 patients" in w for w in e["warnings"]) for e in result.entries)
+
+
+def test_unreadable_folders_and_undecodable_names_are_reported(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "fine.txt").write_text("x")
+    with open(os.path.join(os.fsencode(folder), b"scan\xff.png"), "wb") as f:
+        f.write(b"not an image")
+    real_walk = os.walk
+
+    def walk(top, onerror=None, **kwargs):
+        onerror(PermissionError(13, "Permission denied", str(folder / "locked")))
+        yield from real_walk(top, onerror=onerror, **kwargs)
+
+    monkeypatch.setattr(os, "walk", walk)
+    result = scan_folder(folder, progress=False)
+    reasons = {s["path"]: s["reason"] for s in result.skipped}
+    assert reasons[str(folder / "locked")].startswith("unreadable folder (Permission denied")
+    assert reasons[str(folder / "scan\\xff.png")] == "file name is not valid UTF-8 (rename it)"
+    assert "2 file(s) skipped" in result.summary()
+    write_datalist(result, tmp_path / "dl.json")  # the undecodable name is written, escaped, not a crash
+
+
+def test_volumes_thinner_than_the_patch_are_reported(phantoms, caplog):
+    import logging
+
+    from medssl.data.dataset import load_source
+
+    with caplog.at_level(logging.WARNING):
+        load_source(phantoms / "ct_nifti", spatial_dims=3, min_size=32)
+    assert "2 of 2 volumes are thinner than the 32-voxel training patch" in caplog.text  # 20 slices deep

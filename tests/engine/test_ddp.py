@@ -35,7 +35,6 @@ def test_two_process_training_shards_data_and_syncs_gradients(tmp_path, bundle, 
     assert out.returncode == 0, out.stderr[-3000:]
     # 24 images over 2 ranks at 4 per step: 3 steps per epoch, so the final checkpoint is iteration 6
     assert [p.name for p in (tmp_path / "run" / "models").glob("checkpoint_*.pt")] == ["checkpoint_00000006.pt"]
-    # both ranks log the same (all-reduced) gradient norm but their own loss
-    lines = re.findall(r"epoch 2/2 \(iteration 6\): loss (\S+) .* grad_norm (\S+)", out.stdout)
-    assert len(lines) == 2
-    assert lines[0][1] == lines[1][1] and lines[0][0] != lines[1][0]
+    # only rank 0 reports: one summary line per epoch, one TensorBoard writer, no progress lines from rank 1
+    assert len(re.findall(r"epoch 2/2 \(iteration 6\): loss \S+ .* grad_norm \S+", out.stdout)) == 1
+    assert len(list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))) == 1
