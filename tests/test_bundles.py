@@ -159,3 +159,38 @@ def test_resume_continues_a_bundle_run(phantoms, tmp_path, monkeypatch):
     run_bundle("mae_ct_3d", "train", dict(settings, max_epochs=3, resume=True))
     last = torch.load(tmp_path / "run" / "models" / "checkpoint_00000003.pt", weights_only=True)
     assert first["trainer"]["iteration"] == 1 and last["trainer"]["iteration"] == 3
+
+
+@pytest.mark.parametrize("name", ["mae_ct_3d", "mae_dino_ct_3d"])
+def test_unetr_ready_overlay_builds_an_encoder_that_initialises_monai_unetr(name):
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import UNETR
+
+    from medssl.models import monai_vit_state_dict
+
+    configs = bundle_root(name) / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.yaml"), str(configs / "unetr_ready.yaml")])
+    encoder = parser.get_parsed_content("network_def", lazy=False)
+    size = parser.get_parsed_content("image_size")
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=size, hidden_size=encoder.embed_dim, num_heads=encoder.num_heads,
+                  mlp_dim=4 * encoder.embed_dim, proj_type="conv", qkv_bias=True)
+    missing, unexpected = unetr.vit.load_state_dict(monai_vit_state_dict(encoder, size, cls_token=False), strict=False)
+    assert not unexpected and all("cross_attn" in k for k in missing)  # MONAI's blocks keep unused cross-attention norms
+    torch.testing.assert_close(unetr.vit.blocks[11].attn.qkv.weight, encoder.blocks[11].attn.qkv.weight)
+    with torch.no_grad():
+        assert unetr.eval()(torch.rand(1, 1, size, size, size)).shape == (1, 2, size, size, size)
+    # (UNETR's ViT has no CLS token, so its tokens differ from ours; to_monai_vit keeps it and matches exactly)
+    known, _ = config_settings(configs / "train.yaml")
+    assert set(ConfigParser.load_config_file(str(configs / "unetr_ready.yaml"))) <= known
+
+
+def test_bundle_docs_state_the_window_the_code_uses():
+    from medssl.data.intensity import CT_WINDOWS
+
+    level, width = CT_WINDOWS["abdomen"]
+    for name in BUNDLES:
+        root = bundle_root(name)
+        text = (root / "docs" / "README.md").read_text() + (root / "configs" / "metadata.json").read_text()
+        for found in __import__("re").findall(r"level (\d+)(?: HU)?, width (\d+)", text):
+            assert (float(found[0]), float(found[1])) == (level, width), (name, found)

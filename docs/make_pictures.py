@@ -1,0 +1,64 @@
+"""Regenerate the pictures the README, docs/ and the bundle READMEs show, from medssl's embedded phantoms.
+
+    python docs/make_pictures.py            # about 5 minutes on 2 CPU cores; writes docs/images/*.png
+
+Every picture is what a user's own run draws (the same commands, on the phantom CT series and
+radiographs that `medssl phantoms` writes): preview grids of what a model sees, MAE input /
+masked / reconstruction panels (3D and 2D), DINO and SimCLR views, and last-block attention maps.
+Runs are short, so the reconstructions are blurry: they show what the pictures look like, not
+how good a long run gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+IMAGES = Path(__file__).resolve().parent / "images"
+# bundle -> (phantom folder, settings for a short run, pictures to keep as docs/images/<name>)
+RUNS = {
+    "mae_ct_3d": ("ct_dicom", {"max_epochs": 120, "picture_every": 120}, {"mae_final.png": "mae_ct_3d.png"}),
+    "mae_xray_2d": ("xray", {"max_epochs": 150, "picture_every": 150, "image_size": 128}, {"mae_final.png": "mae_xray_2d.png"}),
+    "dino_xray_2d": ("xray", {"max_epochs": 20, "picture_every": 20, "image_size": 128, "out_dim": 256},
+                     {"dino_final.png": "dino_xray_2d.png"}),
+    "simclr_xray_2d": ("xray", {"max_epochs": 20, "picture_every": 20, "image_size": 128}, {"simclr_final.png": "simclr_xray_2d.png"}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", help="folder for the runs (default: a temporary folder)")
+    p.add_argument("--only", help="comma list of bundles to rerun (default: all)")
+    args = p.parse_args()
+
+    from medssl.cli import main as medssl
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="medssl_pictures_"))
+    IMAGES.mkdir(exist_ok=True)
+    data = work / "phantoms"
+    if not data.exists():
+        assert medssl(["-q", "phantoms", "--out", str(data), "--cases", "8"]) == 0
+    if not args.only:
+        assert medssl(["-q", "preview", str(data), "--out", str(work / "preview"), "--max-items", "6"]) == 0
+        for page in sorted((work / "preview").glob("preview_*_000.png")):
+            shutil.copyfile(page, IMAGES / page.name.replace("_000", ""))  # preview_2d.png, preview_3d.png
+    for bundle, (folder, settings, keep) in RUNS.items():
+        if args.only and bundle not in args.only.split(","):
+            continue
+        out = work / bundle
+        sets = [f for k, v in settings.items() if k != "max_epochs" for f in ("--set", f"{k}={v}")]
+        assert medssl(["-q", "pretrain", "--bundle", bundle, "--data", str(data / folder), "--out", str(out), "--overwrite",
+                       "--max-epochs", str(settings["max_epochs"]), *sets]) == 0
+        for src, dst in keep.items():
+            shutil.copyfile(out / "pictures" / src, IMAGES / dst)
+        if bundle == "dino_xray_2d":
+            assert medssl(["-q", "attention", "--checkpoint", str(out / "models" / "model.pt"), "--data", str(data / folder),
+                           "--out", str(work / "attention"), "--max-images", "4"]) == 0
+            shutil.copyfile(work / "attention" / "attention_000.png", IMAGES / "attention_dino_xray_2d.png")
+    print("\n".join(f"wrote {p}" for p in sorted(IMAGES.glob("*.png"))))
+
+
+if __name__ == "__main__":
+    main()
