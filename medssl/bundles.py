@@ -61,7 +61,7 @@ def check_metadata(meta: Mapping) -> list[str]:
     return problems
 
 
-_WORKFLOW_TYPES = {"train": "train", "inference": "infer", "evaluate": "infer"}  # MONAI's property sets per config
+_WORKFLOW_TYPES = {"train": "train", "inference": "infer"}  # MONAI property sets; evaluate.yaml is neither
 
 
 def bundle_config(name: str | os.PathLike, config: str = "train") -> Path:

@@ -189,35 +189,19 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: 
 
     ``private`` records the data and checkpoint paths in the reports as hashes.
     """
-    from dataclasses import asdict
-
     from .bundles import bundle_parser
-    from .eval.features import load_encoder
-    from .eval.journal import Journal
-    from .eval.labelled import load_labelled
-    from .eval.protocol import EvalPlan, run_evaluation, write_reports
-
-    ckpt = Path(checkpoint).resolve()
+    from .eval.protocol import evaluate_checkpoint
     from .run_record import checkpoint_record
 
+    ckpt = Path(checkpoint).resolve()
     name, settings = checkpoint_record(ckpt, bundle)
-    parser = bundle_parser(name, settings)
-    get = parser.get_parsed_content
-    splits = load_labelled(data, spatial_dims=get("spatial_dims"), size=get("image_size"), channels=get("in_channels"),
-                           ct_windows=get("ct_window"))
-
-    def make_encoder(pretrained: bool):
-        net = get("network_def", lazy=False)
-        return load_encoder(net, ckpt) if pretrained else net
-
-    plan = plan or EvalPlan()
-    shown = {"checkpoint": private_path(ckpt) if private else str(ckpt),
-             "data": private_path(data) if private else str(Path(data).resolve())}
-    header = {**shown, "plan": asdict(plan)}
-    journal = Journal(Path(out) / "records.jsonl", header)  # a killed run started again skips what is done
-    result = run_evaluation(make_encoder, splits, plan, progress=progress, journal=journal)
-    result.update(**shown, bundle=name)
-    return write_reports(result, out, title=f"{name} on {'private data' if private else Path(data).name}")
+    get = bundle_parser(name, settings).get_parsed_content
+    recorded = {"checkpoint": private_path(ckpt) if private else str(ckpt),
+                "data": private_path(data) if private else str(Path(data).resolve()), "bundle": name}
+    return evaluate_checkpoint(lambda: get("network_def", lazy=False), ckpt, data, out, spatial_dims=get("spatial_dims"),
+                               size=get("image_size"), channels=get("in_channels"), ct_window=get("ct_window"), plan=plan,
+                               progress=progress, recorded=recorded,
+                               title=f"{name} on {'private data' if private else Path(data).name}")
 
 
 def _plan(args):

@@ -61,7 +61,8 @@ def test_bundles_are_found():
 def test_bundle_layout_and_metadata(name):
     root = bundle_root(name)
     for f in ("configs/metadata.json", "configs/train.yaml", "configs/multi_gpu_train.yaml", "configs/inference.yaml",
-              "docs/README.md", "LICENSE"):
+              "configs/evaluate.yaml",
+              "docs/README.md", "LICENSE", "large_files.yml"):
         assert (root / f).is_file(), f
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert check_metadata(meta) == []
@@ -100,11 +101,14 @@ def test_monai_checks_pass_metadata_network_and_workflow_properties(name, tmp_pa
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-def test_train_and_inference_build_the_same_encoder_from_the_same_settings(name):
+def test_train_inference_and_evaluate_build_the_same_encoder_from_the_same_settings(name):
     from medssl.bundles import bundle_parser
 
     settings = dict(TINY[name], pixel_mean=0.5, pixel_std=0.25)
     nets = [bundle_parser(name, settings, config).get_parsed_content("network_def", lazy=False) for config in ("train", "inference")]
+    nets.append(bundle_parser(name, {k: v for k, v in settings.items() if k not in ("batch_size", "cache", "out_dim", "n_local_crops",
+                                                                                  "method_settings")},
+                              "evaluate").get_parsed_content("network_def", lazy=False)())  # a factory there
     for net in nets:
         assert (net.pixel_mean, net.pixel_std, net.patch_size[0], net.window_size[0]) == (
             (0.5,), (0.25,), TINY[name]["patch_size"], TINY[name]["window_size"])
@@ -146,6 +150,16 @@ def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch)
     grid = TINY[name]["image_size"] // TINY[name]["patch_size"]
     assert scripted(x).shape == (1, 48) + (grid,) * (len(shape) - 2)  # channel-first feature map, as metadata.json says
     torch.testing.assert_close(scripted(x), eager.eval()(x), atol=1e-5, rtol=1e-5)
+    rng = np.random.default_rng(0)  # the bundle's evaluate config: probe and kNN on labelled data
+    dims, edge = len(shape) - 2, 4 * TINY[name]["patch_size"]
+    np.savez(out / "labelled.npz", train_images=rng.integers(0, 255, (16,) + (edge,) * dims, dtype=np.uint8),
+             train_labels=(np.arange(16) % 2)[:, None], val_images=rng.integers(0, 255, (8,) + (edge,) * dims, dtype=np.uint8),
+             val_labels=(np.arange(8) % 2)[:, None])
+    evaluation = {k: v for k, v in settings.items() if k in config_settings(configs / "evaluate.yaml")[0]}
+    run_bundle(name, "evaluate", dict(evaluation, ckpt_path=str(model), dataset_dir=str(out / "labelled.npz"), seeds=1,
+                                      fractions=[1.0], poolings=["mean"], methods=["probe", "knn"]))
+    results = json.loads((out / "evaluation" / "results.json").read_text())
+    assert {r["method"] for r in results["table"]} == {"probe", "knn", "pixels"}
     tokens = ViT(len(shape) - 2, 1, patch_size=TINY[name]["patch_size"], size="micro", window_size=2, global_every=3)
     tokens.load_state_dict(torch.load(model, weights_only=True))
     torch.testing.assert_close(eager(x).flatten(2).transpose(1, 2), tokens.eval()(x)[:, 1:], atol=1e-5, rtol=1e-5)

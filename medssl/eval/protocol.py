@@ -225,3 +225,35 @@ def write_reports(result: dict, out: str | os.PathLike, title: str = "") -> list
         series.append((label, [r for r in table if (r["method"], r["pooling"]) == key], key[0] in BASELINES))
     fig = fraction_curves([("", series)], METRICS, result["split"], title)
     return [out / "results.json", out / "results.md", save_figure(fig, out / "results.png")]
+
+
+def evaluate_checkpoint(build_network: Callable[[], torch.nn.Module], checkpoint: str | os.PathLike, data: str | os.PathLike,
+                        out: str | os.PathLike, spatial_dims: int, size: int, channels: int = 1, ct_window="abdomen",
+                        plan: EvalPlan | None = None, progress: bool = True, recorded: dict | None = None,
+                        title: str = "") -> list[Path]:
+    """The whole evaluation of one encoder checkpoint on labelled ``data``; returns the report files.
+
+    ``build_network()`` makes a fresh encoder (the pretrained one gets ``checkpoint``'s weights,
+    the from-scratch baseline stays random). ``recorded`` is what the reports say about the
+    checkpoint and data (default: their paths). A killed run started again skips what is done
+    (``out/records.jsonl``). This is ``medssl evaluate`` and each bundle's ``evaluate.yaml``.
+    """
+    from .features import load_encoder
+    from .labelled import load_labelled
+
+    ckpt = Path(checkpoint).resolve()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    splits = load_labelled(data, spatial_dims=spatial_dims, size=size, channels=channels, ct_windows=ct_window)
+
+    def make_encoder(pretrained: bool):
+        net = build_network()
+        return load_encoder(net, ckpt) if pretrained else net
+
+    plan = plan or EvalPlan()
+    recorded = recorded or {"checkpoint": str(ckpt), "data": str(Path(data).resolve())}
+    header = {k: recorded[k] for k in ("checkpoint", "data") if k in recorded}  # what a resumed run must match
+    journal = Journal(Path(out) / "records.jsonl", {**header, "plan": asdict(plan)})
+    result = run_evaluation(make_encoder, splits, plan, progress=progress, journal=journal)
+    result.update(**recorded)
+    return write_reports(result, out, title=title or f"{ckpt.name} on {Path(data).name}")
