@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -150,6 +151,16 @@ def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch)
     grid = TINY[name]["image_size"] // TINY[name]["patch_size"]
     assert scripted(x).shape == (1, 48) + (grid,) * (len(shape) - 2)  # channel-first feature map, as metadata.json says
     torch.testing.assert_close(scripted(x), eager.eval()(x), atol=1e-5, rtol=1e-5)
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):  # the export extra
+        import onnxruntime
+        from monai.bundle import onnx_export
+
+        onnx_export(net_id="network_def", filepath=str(out / "encoder.onnx"), ckpt_file=str(model),
+                    meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.yaml"), use_trace=True,
+                    input_shape=shape, converter_kwargs={"dynamo": False}, **inference)
+        session = onnxruntime.InferenceSession(str(out / "encoder.onnx"))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, eager(x).detach().numpy(), atol=1e-4, rtol=1e-4)
     rng = np.random.default_rng(0)  # the bundle's evaluate config: probe and kNN on labelled data
     dims, edge = len(shape) - 2, 4 * TINY[name]["patch_size"]
     np.savez(out / "labelled.npz", train_images=rng.integers(0, 255, (16,) + (edge,) * dims, dtype=np.uint8),
