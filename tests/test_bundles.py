@@ -63,7 +63,7 @@ def test_bundle_layout_and_metadata(name):
     root = bundle_root(name)
     for f in ("configs/metadata.json", "configs/train.yaml", "configs/multi_gpu_train.yaml", "configs/inference.yaml",
               "configs/evaluate.yaml",
-              "docs/README.md", "LICENSE", "large_files.yml"):
+              "docs/README.md", "docs/pictures.png", "LICENSE", "large_files.yml"):
         assert (root / f).is_file(), f
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert check_metadata(meta) == []
