@@ -51,6 +51,8 @@ class ProgressBar:
 
     def _line(self, engine) -> None:
         length = engine.state.epoch_length or 1
+        if length < 2 * self.lines_per_epoch:  # short epochs: the summary line says enough
+            return
         done = (engine.state.iteration - 1) % length + 1
         every = max(1, length // max(1, self.lines_per_epoch))
         if done % every == 0 and done < length:

@@ -177,3 +177,16 @@ def test_multitask_needs_one_shared_backbone():
         MultiTask({"one": MAETask(a), "two": MAETask(b)})
     with pytest.raises(ValueError, match="share a name"):
         MultiTask([MAETask(a), MAETask(a)])
+
+
+def test_progress_is_plain_lines_when_the_output_is_not_a_terminal(capsys):
+    from types import SimpleNamespace
+
+    from medssl.engine import ProgressBar
+
+    bar = ProgressBar(lines_per_epoch=4)
+    for iteration in range(1, 17):
+        bar._line(SimpleNamespace(state=SimpleNamespace(epoch_length=16, iteration=iteration, epoch=1, max_epochs=2,
+                                                        output={"loss": 0.5})))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"epoch 1/2: {n}/16 iterations, loss 0.5" for n in (4, 8, 12)]  # the summary line ends the epoch
