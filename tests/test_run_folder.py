@@ -46,7 +46,7 @@ def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_starts_over(npz
     assert not (out / LOCK_NAME).exists()  # released at the end
 
 
-def test_extending_a_finished_run_trains_on_with_a_rebuilt_schedule(npz, tmp_path):
+def test_extending_a_finished_run_trains_on_with_a_rebuilt_schedule(npz, tmp_path, capsys):
     out = tmp_path / "run"
     assert _pretrain(npz, out, "--max-epochs", "1") == 0
     done = torch.load(out / "models" / "checkpoint_00000003.pt", weights_only=True)
@@ -56,7 +56,9 @@ def test_extending_a_finished_run_trains_on_with_a_rebuilt_schedule(npz, tmp_pat
     assert extended["lr_scheduler"]["lr_lambdas"][0]["total_steps"] == 6  # the schedule of the new total
     changed = [k for k, v in extended["network"].items() if not torch.equal(v, done["network"][k])]
     assert len(changed) > 10  # before the fix: learning rate 0, bit-identical weights
-    assert _pretrain(npz, out, "--max-epochs", "2", "--resume") == 2  # nothing left to train: said, not silently done
+    assert _pretrain(npz, out, "--max-epochs", "2", "--resume") == 0  # a requeued job: nothing to train, and it says so
+    assert "nothing to train" in capsys.readouterr().out
+    assert _pretrain(npz, out, "--max-epochs", "1", "--resume") == 2  # fewer epochs than trained: refused
 
 
 def test_resume_without_a_checkpoint_says_so_on_the_console(npz, tmp_path, capsys):

@@ -152,9 +152,12 @@ class ResumeFromLatest:
         trainer = checkpoint.get("trainer", {})
         done_epochs = int(trainer.get("epoch", trainer.get("iteration", 0) // max(1, trainer.get("epoch_length") or 1)))
         max_epochs = engine.state.max_epochs
-        if max_epochs and done_epochs >= max_epochs:
-            raise ValueError(f"{path} has already trained {done_epochs} epochs; to train on, give a max_epochs larger "
-                             f"than {done_epochs} (now {max_epochs})")
+        if max_epochs and done_epochs > max_epochs:
+            raise ValueError(f"{path} has already trained {done_epochs} epochs, more than max_epochs {max_epochs}; "
+                             f"to train on, give a max_epochs larger than {done_epochs}")
+        if max_epochs and done_epochs == max_epochs and is_main_process():  # a requeued job resuming a finished run
+            print(f"medssl: {path.name} has already trained all {max_epochs} epochs: nothing to train "
+                  "(a larger max_epochs extends the run)")
         load_dict = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in self.load_dict.items()}
         load_dict["trainer"] = engine
         Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint)
