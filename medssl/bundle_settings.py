@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import json
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -44,7 +45,7 @@ def _load(config_files: str | os.PathLike | Iterable) -> dict:
     merged: dict = {}
     for f in files:
         text = Path(f).read_text()
-        merged.update((yaml.safe_load(text) if str(f).endswith((".yaml", ".yml")) else __import__("json").loads(text)) or {})
+        merged.update((yaml.safe_load(text) if str(f).endswith((".yaml", ".yml")) else json.loads(text)) or {})
     return merged
 
 

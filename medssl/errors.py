@@ -20,8 +20,6 @@ __all__ = ["USER_ERRORS", "root_exception", "is_user_error", "describe", "instal
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 VERBOSE_ENV = "MEDSSL_VERBOSE"  # set to 1 for full tracebacks under `python -m monai.bundle`
 
-_WRAPPERS = ("Failed to evaluate", "Failed to instantiate", "Component to instantiate must represent a valid class")
-
 
 def root_exception(exc: BaseException) -> BaseException:
     """The innermost cause of ``exc`` (following ``raise ... from``, then implicit context of MONAI's wrappers)."""
