@@ -105,6 +105,9 @@ class PretrainTrainer(SupervisedTrainer):
             self.scaler = torch.amp.GradScaler(device.type)
         self.clip_grad_norm, self.seed, self.max_bad_steps = clip_grad_norm, seed, max_bad_steps
         self.rank = rank()
+        if self.rank != 0:  # one voice per run: the other ranks log warnings and errors only
+            for name in ("medssl", self.logger.name):
+                logging.getLogger(name).setLevel(logging.WARNING)
         self._bad_steps = 0
         self._positioned = False
         self.add_event_handler(Events.STARTED, self._reset_position)
