@@ -225,7 +225,8 @@ def _benchmark(args) -> int:
     """Pretrain on the training images without their labels, then evaluate: does pretraining help here?"""
     out = Path(args.out).resolve()
     overrides = _pretrain_overrides(args)
-    run = pretrain(args.bundle, out / "pretrain", overrides, progress=not args.quiet)
+    run = pretrain(args.bundle, out / "pretrain", overrides, resume=args.resume, progress=not args.quiet,
+                   overwrite=args.overwrite)
     files = evaluate(run / "models" / "model.pt", args.data, out / "evaluation", args.bundle, _plan(args), progress=not args.quiet)
     print((out / "evaluation" / "results.md").read_text())
     print("\n".join(f"wrote {f}" for f in files))
@@ -298,7 +299,7 @@ def _demo(args) -> int:
     print("\npretraining a 3D MAE (ViT-Tiny, ViTDet windows) on the phantom CT series ...")
     run = pretrain("mae_ct_3d", out / "pretrain", {"dataset_dir": str(data / "ct_dicom"), "max_epochs": args.epochs,
                                                    "picture_every": max(1, args.epochs // 4), "seed": args.seed},
-                   progress=not args.quiet)
+                   progress=not args.quiet, overwrite=True)  # the demo remakes its folder each time it runs
     pictures = sorted((run / "pictures").glob("*.png"))
     print(f"\nphantoms:    {data}\ndatalist:    {datalist}\npreviews:    " + "\n             ".join(str(f) for f in files))
     print(f"encoder:     {run / 'models' / 'model.pt'}\ncheckpoints: {run / 'models'}\nlogs:        {run / 'logs'}\n"
@@ -388,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", required=True, help="MedMNIST .npz, CSV with image,label[,split][,modality], or datalist .json with labels")
     p.add_argument("--out", required=True, help="pretrain/ and evaluation/ go here")
+    p.add_argument("--resume", action="store_true", help="continue a stopped benchmark in --out (the evaluation "
+                   "always skips the runs it has finished)")
+    p.add_argument("--overwrite", action="store_true", help="start the pretraining over in an --out that holds one")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int)

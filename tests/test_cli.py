@@ -53,6 +53,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert json.loads((out / "pretrain" / "run.json").read_text())["bundle"] == "mae_ct_3d"
     printed = capsys.readouterr().out
     assert "previews:" in printed and "MAE pictures:" in printed
+    assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--cases", "2", "--epochs", "1"]) == 0  # the README twice
 
 
 def _tiny_npz(path, spatial_dims=2, n=24):

@@ -98,6 +98,9 @@ def test_benchmark_end_to_end_on_the_phantoms(tmp_path, capsys):
     assert methods == {"probe", "knn", "finetune", "scratch", "resnet18", "pixels"}
     assert (out / "pretrain" / "models" / "model.pt").is_file() and (out / "evaluation" / "results.png").is_file()
     assert "auc" in capsys.readouterr().out
+    assert main(args) == 2 and "--resume" in capsys.readouterr().err  # the same command again: the folder holds a run
+    assert main([*args, "--resume"]) == 0  # a finished benchmark: nothing to train, the journal skips every run
+    assert json.loads((out / "evaluation" / "results.json").read_text())["records"] == saved["records"]
 
 
 def test_a_killed_evaluation_resumes_from_its_journal(tmp_path, monkeypatch):
