@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["config_settings", "check_known", "check_plain", "guard_monai_runner", "RUNNER_ARGS", "NULL_SPELLINGS"]
+__all__ = ["load_config", "config_settings", "check_known", "check_plain", "guard_monai_runner", "RUNNER_ARGS", "NULL_SPELLINGS"]
 
 # Arguments of ``monai.bundle run`` / ``ConfigWorkflow`` that are not config overrides.
 RUNNER_ARGS = frozenset({"config_file", "meta_file", "logging_file", "args_file", "run_id", "init_id", "final_id", "tracking",
@@ -38,7 +38,8 @@ _SPECIAL_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
 _NULL_TEXTS = ("None", "null", "Null", "NULL")
 
 
-def _load(config_files: str | os.PathLike | Iterable) -> dict:
+def load_config(config_files: str | os.PathLike | Iterable) -> dict:
+    """The raw content of a bundle config (or several, merged in order, as MONAI merges them)."""
     import yaml
 
     files = [config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files)
@@ -62,7 +63,10 @@ def _is_setting(value) -> bool:
 
 def config_settings(config_files) -> tuple[set[str], list[str]]:
     """``(every top-level key, the user-facing settings among them)`` of a bundle config (or several, merged)."""
-    content = _load(config_files)
+    return _settings_of(load_config(config_files))
+
+
+def _settings_of(content: dict) -> tuple[set[str], list[str]]:
     keys = {k.split("#")[0] for k in content}
     settings = sorted(k for k, v in content.items() if "#" not in k and _is_setting(v))
     return keys, settings
@@ -142,8 +146,8 @@ def guard_monai_runner(argv: list[str] | None = None) -> None:
     if not config:
         return
     files = ast.literal_eval(config) if config.startswith("[") else [config]
-    known, settings = config_settings(files)
-    defaults = _load(files)
+    defaults = load_config(files)
+    known, settings = _settings_of(defaults)
     for key, value in pairs.items():
         if key in RUNNER_ARGS:
             continue

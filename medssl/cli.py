@@ -81,11 +81,10 @@ def _pretrain_overrides(args) -> dict:
 
 def _check_dimensionality(bundle: str, data: str, data_dims: int) -> None:
     """A 2D archive given to a 3D bundle (or the reverse) is refused unless ``--set spatial_dims`` says so."""
-    import yaml
-
+    from .bundle_settings import load_config
     from .bundles import bundle_config, list_bundles
 
-    bundle_dims = yaml.safe_load(bundle_config(bundle).read_text()).get("spatial_dims")
+    bundle_dims = load_config(bundle_config(bundle)).get("spatial_dims")
     if bundle_dims is not None and bundle_dims != data_dims:
         same = [b for b in list_bundles() if b.endswith(f"_{data_dims}d")]
         raise ValueError(f"{data} holds {data_dims}D images but bundle {bundle} is {bundle_dims}D; choose a {data_dims}D bundle "
