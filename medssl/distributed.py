@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main_process"]
+__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "gather", "mean_over_ranks"]
 
 
 def is_distributed() -> bool:
@@ -22,3 +22,27 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0: the process that writes checkpoints, pictures, logs and progress."""
     return rank() == 0
+
+
+def gather(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' ``z`` concatenated along dimension 0, and this rank's offset in it.
+
+    Gradients flow back to each rank's own share: the backward of the gather sums the ranks'
+    gradients, and DDP's averaging of parameter gradients then gives the global batch's gradient
+    (what SimCLR's and Barlow Twins' global-batch losses need). With one process ``z`` is
+    returned as it is.
+    """
+    if world_size() == 1:
+        return z, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z)), rank() * z.shape[0]
+
+
+@torch.no_grad()
+def mean_over_ranks(z: torch.Tensor) -> torch.Tensor:
+    """``z`` averaged over all ranks (in place; no gradient), e.g. DINO's centre."""
+    if is_distributed():
+        torch.distributed.all_reduce(z)
+        z /= world_size()
+    return z

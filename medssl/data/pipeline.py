@@ -68,7 +68,7 @@ def build_transforms(config: PipelineConfig | None = None, train: bool = True, *
     """Build the pipeline for ``config`` (or ``PipelineConfig(**overrides)``).
 
     ``train=False`` gives the deterministic twin used for embeddings and evaluation: 3D volumes
-    come out whole (padded to at least ``size``; tile them with :func:`medssl.eval.features.tiles`)
+    come out whole (padded to at least ``size``; tile them with :func:`medssl.data.tiling.tiles`)
     and 2D-from-3D takes the middle slice instead of random ones.
     """
     cfg = config or PipelineConfig(**overrides)

@@ -6,13 +6,13 @@ the protocol that runs them all on the same subsets (``protocol``; ``medssl eval
 """
 
 from .embedder import EmbeddingInferer, EmbeddingWriter, embedding_evaluator, write_embeddings
-from .features import embed_image, load_encoder, tiles
+from .features import embed_image, load_encoder
 from .fractions import stratified_subset
 from .knn import knn_scores
 from .metrics import METRICS, classification_metrics
 from .probe import linear_probe_scores
 from .supervised import Classifier, layer_decay_groups, predict_scores, train_classifier
 
-__all__ = ["tiles", "embed_image", "EmbeddingInferer", "EmbeddingWriter", "embedding_evaluator", "write_embeddings", "load_encoder", "stratified_subset",
+__all__ = ["embed_image", "EmbeddingInferer", "EmbeddingWriter", "embedding_evaluator", "write_embeddings", "load_encoder", "stratified_subset",
            "knn_scores", "linear_probe_scores", "classification_metrics", "METRICS", "Classifier", "layer_decay_groups",
            "predict_scores", "train_classifier"]

@@ -1,8 +1,8 @@
 """Frozen encoder -> one embedding per image, for any image size (3D volumes are tiled).
 
-A 3D volume larger than the training patch is cut into a grid of ``tile``-sized blocks (zero
-padded at the far edges); each block is embedded and the image's embedding is the average of its
-blocks weighted by their foreground share, so blocks of pure air do not dilute it.
+A 3D volume larger than the training patch is cut into ``tile``-sized blocks
+(:func:`medssl.data.tiling.tiles`); each block is embedded and the image's embedding is the
+average of its blocks weighted by their foreground share, so blocks of pure air do not dilute it.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from monai.utils import ensure_tuple_rep
 
-from ..models.feature_map import ViTFeatureMap
-from ..models.pooling import pool_tokens
+from ..data.tiling import tiles
+from ..models.base import embed
 
-__all__ = ["tiles", "embed_image", "load_encoder"]
+__all__ = ["embed_image", "load_encoder"]
+
 
 def load_encoder(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
     """Load encoder weights (a bare state dict, e.g. a bundle's ``models/model.pt``) into ``network``."""
@@ -42,33 +41,17 @@ def load_encoder(network: torch.nn.Module, checkpoint: str | os.PathLike) -> tor
     return network
 
 
-def tiles(img: torch.Tensor, tile: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C, *spatial)`` -> blocks ``(T, C, *tile)`` and their foreground share ``(T,)`` (pixels > 0)."""
-    nd = img.ndim - 1
-    tile = ensure_tuple_rep(tile, nd)
-    pad = [(-s) % t for s, t in zip(img.shape[1:], tile)]
-    img = F.pad(img, [v for p in reversed(pad) for v in (0, p)])
-    c = img.shape[0]
-    blocks = img
-    for axis, t in enumerate(tile):
-        blocks = blocks.unfold(axis + 1, t, t)  # (C, n0, ..., t0, ...)
-    blocks = blocks.permute(*range(1, nd + 1), 0, *range(nd + 1, 2 * nd + 1)).reshape(-1, c, *tile)  # (T, C, *tile)
-    share = (blocks > 0).flatten(1).float().mean(1)
-    return blocks, share
-
-
 @torch.no_grad()
 def embed_image(encoder: torch.nn.Module, img: torch.Tensor, pooling: str = "mean", tile: int | Sequence[int] | None = None,
                 chunk: int = 16) -> torch.Tensor:
     """Embedding of one image ``(C, *spatial)`` (on the encoder's device): ``(F,)``.
 
-    A :class:`~medssl.models.ViTFeatureMap` (the bundles' MONAI-facing network) is pooled from its tokens.
+    ``encoder`` is any :class:`~medssl.models.base.Encoder` (the bundles' MONAI-facing
+    :class:`~medssl.models.ViTFeatureMap` included).
     """
-    encode = encoder.tokens if isinstance(encoder, ViTFeatureMap) else encoder
     if tile is None:
-        return pool_tokens(encode(img[None]), pooling, encoder.num_prefix_tokens)[0]
+        return embed(encoder, img[None], pooling)[0]
     blocks, share = tiles(img, tile)
-    out = torch.cat([pool_tokens(encode(blocks[i:i + chunk]), pooling, encoder.num_prefix_tokens)
-                     for i in range(0, len(blocks), chunk)])  # (T, F)
+    out = torch.cat([embed(encoder, blocks[i:i + chunk], pooling) for i in range(0, len(blocks), chunk)])  # (T, F)
     weight = share if share.sum() > 0 else torch.ones_like(share)
     return (out.float() * weight[:, None]).sum(0) / weight.sum()

@@ -20,8 +20,9 @@ __all__ = ["ViTFeatureMap"]
 class ViTFeatureMap(ViT):
     """:class:`ViT` whose forward is ``(B, C, *spatial) -> (B, D, *grid)`` (CLS token dropped)."""
 
-    def tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x, keep)
+    def tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None, context=None) -> torch.Tensor:
+        """The ViT's tokens ``(B, P + N, D)``: what :func:`medssl.models.base.encode` calls."""
+        return super().forward(x, keep, context)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.grid_size(x.shape[2:])

@@ -20,7 +20,7 @@ With windows, ``keep`` must hold the same number of slots for every window, wind
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.networks.layers import Conv
@@ -28,7 +28,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from .blocks import Block, key_padding_mask, run_windows
-from .pooling import pool_tokens
+from .base import embed
 from .position import sincos_position_embedding
 from .windows import WindowLayout
 
@@ -156,11 +156,13 @@ class ViT(nn.Module):
         return self._layout_cache[key]
 
     # -- forward --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode ``x`` ``(B, C, *spatial)``.
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, context: Mapping | None = None) -> torch.Tensor:
+        """Encode ``x`` ``(B, C, *spatial)`` (the :class:`~medssl.models.base.GridEncoder` interface).
 
         Args:
             keep: optional ``(B, L)`` raster indices of the tokens to encode (-1 = padding slot).
+            context: the batch's conditioning (:func:`~medssl.models.base.batch_context`); this
+                ViT is unconditioned and ignores it.
 
         Returns:
             ``(B, P + N, D)`` in raster order when ``keep`` is None, else ``(B, P + L, D)`` in the
@@ -232,5 +234,5 @@ class ViT(nn.Module):
 
     # -- features -------------------------------------------------------------------------
     def embed(self, x: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
-        """One vector per image: ``pool_tokens(forward(x), pooling)``."""
-        return pool_tokens(self(x), pooling, self.num_prefix_tokens)
+        """One vector per image: :func:`medssl.models.base.embed` of this encoder."""
+        return embed(self, x, pooling)

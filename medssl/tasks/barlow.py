@@ -17,7 +17,8 @@ from torch import nn
 
 from .base import register_task
 from .heads import ProjectionMLP
-from .two_views import TwoViewTask, gather_ranks
+from ..distributed import gather
+from .two_views import TwoViewTask
 
 __all__ = ["BarlowTwinsTask"]
 
@@ -41,4 +42,4 @@ class BarlowTwinsTask(TwoViewTask):
     def loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         if z1.shape[0] < 2:
             raise ValueError("Barlow Twins needs at least 2 images per batch (it standardises features over the batch)")
-        return self.loss_fn(gather_ranks(z1)[0], gather_ranks(z2)[0])
+        return self.loss_fn(gather(z1)[0], gather(z2)[0])

@@ -2,7 +2,12 @@
 
 A task is an ``nn.Module`` that holds a reference to the shared backbone plus its own heads, and
 maps a batch to ``{"loss": scalar, ...anything worth logging}``. The trainer never looks at a
-task's name: adding a task is one file, one :func:`register_task` line and a contract test.
+task's name: adding a task is one file, one :func:`register_task` line and a contract test
+(``docs/adding-a-task.md`` walks through the jigsaw task).
+
+The backbone is an :class:`~medssl.models.base.Encoder` (a task that masks tokens needs a
+:class:`~medssl.models.base.GridEncoder`). Tasks call it only through :meth:`Task.encode` /
+:meth:`Task.embed`, which hand it the batch's conditioning (modality, spatial dims, source ids).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from ..models.base import Encoder, batch_context, embed, encode
 
 __all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch"]
 
@@ -28,10 +35,23 @@ class Task(nn.Module):
 
     name = "task"
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: Encoder) -> None:
         super().__init__()
         self.backbone = backbone
         self.progress = 0.0
+
+    def encode(self, batch: dict | None, x: torch.Tensor, keep: torch.Tensor | None = None,
+               encoder: nn.Module | None = None) -> torch.Tensor:
+        """Tokens ``(B', P + N, D)`` of ``x`` (images or views of ``batch``), conditioned on the batch.
+
+        ``encoder`` defaults to the shared backbone (DINO passes its teacher). ``x`` may hold
+        several views per image stacked view-major, ``(V * B, C, *S)``; the context follows.
+        """
+        return encode(encoder if encoder is not None else self.backbone, x, keep, batch_context(batch))
+
+    def embed(self, batch: dict | None, x: torch.Tensor, pooling: str, encoder: nn.Module | None = None) -> torch.Tensor:
+        """One pooled vector per row of ``x`` (see :meth:`encode`)."""
+        return embed(encoder if encoder is not None else self.backbone, x, pooling, batch_context(batch))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -75,7 +95,7 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     return add
 
 
-def build_task(name: str, backbone: nn.Module, **kwargs) -> Task:
+def build_task(name: str, backbone: Encoder, **kwargs) -> Task:
     """Instantiate the task registered as ``name`` on ``backbone``."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered: {sorted(TASKS)}")

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import is_distributed, world_size
+from ..distributed import mean_over_ranks
+from ..models.base import batch_context
 from .base import Task, register_task
 from .heads import DINOHead
 
@@ -73,7 +74,7 @@ def _views_first(x: torch.Tensor) -> torch.Tensor:
 
 @register_task("dino")
 class DINOTask(Task):
-    """DINO on ``backbone`` (a :class:`~medssl.models.ViT`).
+    """DINO on ``backbone`` (any :class:`~medssl.models.base.Encoder`).
 
     Args:
         out_dim, hidden_dim, bottleneck_dim, head_batch_norm: the :class:`DINOHead`. With
@@ -120,9 +121,9 @@ class DINOTask(Task):
         self.teacher_head.train(mode)  # batch statistics in a BatchNorm head, like the student's
         return self
 
-    def _student(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _student(self, batch: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled embedding, prototype logits) of the student on ``x``."""
-        z = self.backbone.embed(x, self.pooling)
+        z = self.embed(batch, x, self.pooling)
         return z, self.head(z, freeze_prototypes=self.progress < self.freeze_prototypes)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -132,12 +133,12 @@ class DINOTask(Task):
             raise ValueError(f"DINO needs at least 2 global views per image, got {n_global}")
         global_x = _views_first(views)
         with torch.no_grad():
-            t_out = self.teacher_head(self.teacher.embed(global_x, self.pooling)).float()  # (G * B, K)
-        s_emb, s_global = self._student(global_x)
+            t_out = self.teacher_head(self.embed(batch, global_x, self.pooling, encoder=self.teacher)).float()  # (G * B, K)
+        s_emb, s_global = self._student(batch, global_x)
         s_out = [s_global.float()]
         local = batch.get(self.local_key)
         if local is not None and local.shape[1] > 0:
-            s_out.append(self._student(_views_first(local))[1].float())
+            s_out.append(self._student(batch, _views_first(local))[1].float())
         s_out = torch.cat(s_out).div(self.student_temp).log_softmax(-1).chunk(n_global + (0 if local is None else local.shape[1]))
 
         temp = teacher_temperature(self.progress, self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp_warmup)
@@ -159,10 +160,7 @@ class DINOTask(Task):
 
     @torch.no_grad()
     def _update_center(self, t_out: torch.Tensor) -> None:
-        batch_center = t_out.mean(0, keepdim=True)
-        if is_distributed():
-            torch.distributed.all_reduce(batch_center)
-            batch_center /= world_size()
+        batch_center = mean_over_ranks(t_out.mean(0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     @torch.no_grad()
@@ -179,4 +177,4 @@ class DINOTask(Task):
         """The image and the backbone's last-block attention over it."""
         from ..viz.attention import attention_panels
 
-        return attention_panels(self.backbone, batch["image"])
+        return attention_panels(self.backbone, batch["image"], batch_context(batch))

@@ -33,7 +33,7 @@ __all__ = ["MAETask"]
 
 @register_task("mae")
 class MAETask(Task):
-    """Masked-autoencoder pretraining of ``backbone`` (a :class:`~medssl.models.ViT`).
+    """Masked-autoencoder pretraining of ``backbone`` (a :class:`~medssl.models.base.GridEncoder` such as the ViT).
 
     Args:
         mask_ratio: share of (foreground) tokens hidden from the encoder; 0.75 as in He et al.
@@ -121,7 +121,7 @@ class MAETask(Task):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         img = batch[self.image_key]  # (B, C, *spatial)
         pixels, mask, grid = self.sample(img)
-        latent = self.backbone(img, mask.keep)  # (B, P + Lk, D)
+        latent = self.encode(batch, img, mask.keep)  # (B, P + Lk, D)
         pred = self.decode(latent, mask, grid)  # (B, Lt, P)
         target, _, _ = self.targets(pixels, mask.target)
         valid = (mask.target >= 0).to(pred.dtype)  # (B, Lt)
@@ -137,7 +137,7 @@ class MAETask(Task):
         """``input``, ``masked`` (hidden patches NaN, drawn in colour) and ``reconstruction`` (visible + predicted)."""
         img = batch[self.image_key]
         pixels, mask, grid = self.sample(img)
-        pred = self.decode(self.backbone(img, mask.keep), mask, grid).float()
+        pred = self.decode(self.encode(batch, img, mask.keep), mask, grid).float()
         _, mean, std = self.targets(pixels, mask.target)
         if self.norm_pix_loss:
             pred = pred * std + mean

@@ -20,7 +20,8 @@ from torch import nn
 
 from .base import register_task
 from .heads import ProjectionMLP
-from .two_views import TwoViewTask, gather_ranks
+from ..distributed import gather
+from .two_views import TwoViewTask
 
 __all__ = ["SimCLRTask", "nt_xent"]
 
@@ -33,8 +34,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     """
     z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
     b = z1.shape[0]
-    all1, offset = gather_ranks(z1)
-    all2, _ = gather_ranks(z2)
+    all1, offset = gather(z1)
+    all2, _ = gather(z2)
     n = all1.shape[0]
     candidates = torch.cat([all1, all2])  # (2N, D)
     logits = torch.cat([z1, z2]) @ candidates.T / temperature  # (2B, 2N)

@@ -11,31 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import rank, world_size
+from ..models.base import batch_context
 from .base import Task
 
-__all__ = ["TwoViewTask", "pair_views", "gather_ranks"]
+__all__ = ["TwoViewTask", "pair_views"]
 
 
-def gather_ranks(z: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All DDP ranks' ``z`` concatenated along the batch, and this rank's offset in it.
+def pair_views(embed, projector: nn.Module, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 2, C, *S)`` views -> projected embeddings of view 1 and view 2, ``(B, D)`` each (float32).
 
-    Gradients flow back to each rank's own share: the backward of the gather sums the ranks'
-    gradients, and DDP's averaging of parameter gradients then gives the global batch's gradient.
-    Without a process group (or with one rank) ``z`` is returned as it is.
+    ``embed`` maps ``(2 * B, C, *S)`` view-major inputs to pooled vectors (a task's :meth:`~medssl.tasks.Task.embed`).
     """
-    if world_size() == 1:
-        return z, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z)), rank() * z.shape[0]
-
-
-def pair_views(backbone: nn.Module, projector: nn.Module, views: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, 2, C, *S)`` views -> projected embeddings of view 1 and view 2, ``(B, D)`` each (float32)."""
     if views.ndim < 4 or views.shape[1] != 2:
         raise ValueError(f"expected views shaped (B, 2, C, *spatial), got {tuple(views.shape)}")
-    z = projector(backbone.embed(views.transpose(0, 1).flatten(0, 1), pooling)).float()
+    z = projector(embed(views.transpose(0, 1).flatten(0, 1))).float()
     return z.chunk(2)
 
 
@@ -54,7 +43,7 @@ class TwoViewTask(Task):
         raise NotImplementedError
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        z1, z2 = pair_views(self.backbone, self.projector, batch[self.views_key], self.pooling)
+        z1, z2 = pair_views(lambda x: self.embed(batch, x, self.pooling), self.projector, batch[self.views_key])
         loss = self.loss(z1, z2)
         with torch.no_grad():
             positive = F.cosine_similarity(z1, z2).mean()
@@ -65,4 +54,4 @@ class TwoViewTask(Task):
         """The image and the backbone's last-block attention over it."""
         from ..viz.attention import attention_panels
 
-        return attention_panels(self.backbone, batch["image"])
+        return attention_panels(self.backbone, batch["image"], batch_context(batch))

@@ -9,21 +9,38 @@ image with nearest-neighbour (one flat value per patch, so nothing is invented).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["attention_maps", "overlay", "attention_panels", "most_foreground_block", "write_attention_pictures"]
+from ..data.tiling import most_foreground_block
+from ..models.base import GridEncoder, encode
+
+__all__ = ["has_attention", "attention_maps", "overlay", "attention_panels", "write_attention_pictures"]
+
+
+def has_attention(backbone: nn.Module) -> bool:
+    """Whether :func:`attention_maps` can draw ``backbone`` (a grid encoder with transformer blocks)."""
+    blocks = getattr(backbone, "blocks", None)
+    return isinstance(backbone, GridEncoder) and bool(blocks) and hasattr(blocks[-1], "attn")
 
 
 @torch.no_grad()
-def attention_maps(backbone: nn.Module, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
-    """``(B, C, *S)`` images -> ``(B, 1 or H, *S)`` maps in [0, 1] from ``backbone``'s last block."""
+def attention_maps(backbone: GridEncoder, x: torch.Tensor, per_head: bool = False, context: Mapping | None = None) -> torch.Tensor:
+    """``(B, C, *S)`` images -> ``(B, 1 or H, *S)`` maps in [0, 1] from ``backbone``'s last block.
+
+    ``backbone`` is a :class:`~medssl.models.base.GridEncoder` whose ``blocks[-1]`` is a
+    :class:`~medssl.models.blocks.Block` (the ViT); ``context`` is the batch's conditioning.
+    """
+    if not has_attention(backbone):
+        raise TypeError(f"attention maps need a ViT-like encoder with transformer blocks, not a {type(backbone).__name__}")
     last = backbone.blocks[-1]
     seen: dict = {}
     hook = last.register_forward_pre_hook(lambda module, args: seen.update(tokens=args[0], mask=args[1] if len(args) > 1 else None))
     try:
-        backbone(x)
+        encode(backbone, x, context=context)
     finally:
         hook.remove()
     tokens = seen["tokens"]
@@ -61,21 +78,12 @@ def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6, cmap: 
     return (1 - weight) * grey + weight * colour
 
 
-def attention_panels(backbone: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{"image": images, "attention": overlay}``: what the contrastive tasks draw during training."""
-    return {"image": images, "attention": overlay(images, attention_maps(backbone, images))}
-
-
-def most_foreground_block(img: torch.Tensor, size: int) -> torch.Tensor:
-    """The ``size``-edged block of a ``(C, *spatial)`` image with the most foreground (the whole
-    image when it is no larger): attention over a full CT volume would not fit in memory."""
-    from ..eval.features import tiles
-
-    if all(s <= size for s in img.shape[1:]):
-        pad = [v for s in reversed(img.shape[1:]) for v in (0, size - s)]
-        return F.pad(img, pad)
-    blocks, share = tiles(img, size)
-    return blocks[int(share.argmax())]
+def attention_panels(backbone: GridEncoder, images: torch.Tensor, context: Mapping | None = None) -> dict[str, torch.Tensor]:
+    """``{"image": images, "attention": overlay}``: what the contrastive tasks draw during training
+    (nothing for an encoder :func:`has_attention` cannot draw)."""
+    if not has_attention(backbone):
+        return {}
+    return {"image": images, "attention": overlay(images, attention_maps(backbone, images, context=context))}
 
 
 def write_attention_pictures(backbone: nn.Module, images: list[torch.Tensor], out_dir, size: int, per_page: int = 4,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.eval import embed_image, load_encoder, tiles, write_embeddings
+from medssl.data.tiling import tiles
+from medssl.eval import embed_image, load_encoder, write_embeddings
 from medssl.models import ViT
 
 

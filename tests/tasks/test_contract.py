@@ -1,7 +1,9 @@
 """The contract every pretraining task keeps, checked once per task in 2D and 3D.
 
-A new task gets its own subclass of :class:`TaskContract` (``make_task`` and ``make_batch``);
-the tests are inherited.
+A new task gets its own subclass of :class:`TaskContract` (``make_task`` and ``make_views``);
+the tests are inherited. Each task runs on the ViT and, unless it needs a token grid
+(``needs_grid``), on :class:`ConvEncoder`, a minimal encoder that is not a ViT and only keeps the
+:class:`~medssl.models.base.Encoder` interface: what a second backbone must offer to plug in.
 """
 
 from __future__ import annotations
@@ -11,15 +13,48 @@ import torch
 
 from medssl.data.views import multi_crop, two_views
 from medssl.engine import MultiTask
+from torch import nn
+
 from medssl.models import ViT
+from medssl.models.base import Encoder, GridEncoder
 from medssl.tasks import BarlowTwinsTask, DINOTask, MAETask, SimCLRTask
 
 SIZE, LOCAL = 16, 8
 
 
-def _backbone(spatial_dims: int) -> ViT:
+class ConvEncoder(nn.Module):
+    """Not a ViT: strided convolutions whose output cells are the tokens, plus a learned summary
+    token. It keeps :class:`Encoder` (and records the ``context`` it was given), nothing more."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, spatial_dims: int, in_channels: int = 1, embed_dim: int = 24) -> None:
+        super().__init__()
+        self.spatial_dims, self.in_channels, self.embed_dim = spatial_dims, in_channels, embed_dim
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.stem = nn.Sequential(conv(in_channels, embed_dim, 4, stride=4), nn.GELU(), conv(embed_dim, embed_dim, 1))
+        self.summary = nn.Linear(embed_dim, embed_dim)
+        self.contexts: list = []
+
+    def forward(self, x, keep=None, context=None):
+        if keep is not None:
+            raise ValueError("ConvEncoder has no token grid to mask")
+        self.contexts.append(context)
+        cells = self.stem(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        return torch.cat([self.summary(cells.mean(1, keepdim=True)), cells], 1)
+
+
+def _backbone(spatial_dims: int, kind: str = "vit") -> nn.Module:
     torch.manual_seed(0)
+    if kind == "conv":
+        return ConvEncoder(spatial_dims)
     return ViT(spatial_dims, in_channels=1, patch_size=4, size="micro", window_size=2, global_every=2, cls_token=True)
+
+
+def test_the_vit_keeps_the_grid_interface_and_the_conv_encoder_only_the_base_one():
+    assert isinstance(_backbone(2), GridEncoder) and isinstance(_backbone(3), Encoder)
+    conv = _backbone(2, "conv")
+    assert isinstance(conv, Encoder) and not isinstance(conv, GridEncoder)
 
 
 def _images(spatial_dims: int, n: int = 4) -> torch.Tensor:
@@ -36,8 +71,11 @@ def _batch(images: torch.Tensor, views) -> dict:
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("encoder", ["vit", "conv"])
 class TaskContract:
     """Inherited tests; subclasses say how to build the task and its views."""
+
+    needs_grid = False  # masked-token tasks need a GridEncoder and skip the conv encoder
 
     def make_task(self, backbone):
         raise NotImplementedError
@@ -45,13 +83,17 @@ class TaskContract:
     def make_views(self, spatial_dims):
         return None
 
-    def _setup(self, spatial_dims):
-        task = self.make_task(_backbone(spatial_dims))
+    def _setup(self, spatial_dims, encoder="vit"):
+        if encoder == "conv" and self.needs_grid:
+            pytest.skip("this task masks tokens of a grid: it needs a GridEncoder")
+        task = self.make_task(_backbone(spatial_dims, encoder))
         task.step_start(0.5)  # past any warm-up or frozen phase
-        return task, _batch(_images(spatial_dims), self.make_views(spatial_dims))
+        batch = _batch(_images(spatial_dims), self.make_views(spatial_dims))
+        batch["modality"] = ["CT", "MR", "CT", "XR"]
+        return task, batch
 
-    def test_finite_loss_and_a_gradient_for_every_trainable_parameter(self, spatial_dims):
-        task, batch = self._setup(spatial_dims)
+    def test_finite_loss_and_a_gradient_for_every_trainable_parameter(self, spatial_dims, encoder):
+        task, batch = self._setup(spatial_dims, encoder)
         out = task(batch)
         assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
         out["loss"].backward()
@@ -61,13 +103,24 @@ class TaskContract:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert any(float(p.grad.abs().sum()) > 0 for _, p in task.backbone.named_parameters())
 
-    def test_missing_views_are_named(self, spatial_dims):
-        task, batch = self._setup(spatial_dims)
+    def test_the_encoder_sees_the_batch_context(self, spatial_dims, encoder):
+        task, batch = self._setup(spatial_dims, encoder)
+        if encoder != "conv":
+            pytest.skip("the ViT ignores its context; the conv encoder records it")
+        task(batch)
+        seen = [c for c in task.backbone.contexts if c is not None]
+        assert seen, "the task called its encoder without the batch context"
+        for context in seen:  # multi-view inputs get the context repeated view-major
+            n = len(context["modality"])
+            assert n % 4 == 0 and context["modality"] == ["CT", "MR", "CT", "XR"] * (n // 4)
+
+    def test_missing_views_are_named(self, spatial_dims, encoder):
+        task, batch = self._setup(spatial_dims, encoder)
         with pytest.raises(KeyError, match=task.required_keys[0]):
             MultiTask([task])({"patient": ["p0"]}, 1)
 
-    def test_pictures_match_the_images(self, spatial_dims):
-        task, batch = self._setup(spatial_dims)
+    def test_pictures_match_the_images(self, spatial_dims, encoder):
+        task, batch = self._setup(spatial_dims, encoder)
         pictures = task.visualize(batch)
         for name, img in pictures.items():
             assert img.shape[0] == batch["image"].shape[0] and img.shape[2:] == batch["image"].shape[2:], name
@@ -75,6 +128,8 @@ class TaskContract:
 
 
 class TestMAE(TaskContract):
+    needs_grid = True
+
     def make_task(self, backbone):
         return MAETask(backbone, mask_ratio=0.5)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from medssl.models import ViT
-from medssl.viz.attention import attention_maps, most_foreground_block, overlay, write_attention_pictures
+from medssl.data.tiling import most_foreground_block
+from medssl.viz.attention import attention_maps, overlay, write_attention_pictures
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
