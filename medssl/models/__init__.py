@@ -1,6 +1,7 @@
 """Backbones: the 2D/3D ViT, its position embeddings, windows, pooling and export to MONAI."""
 
-from .blocks import Attention, Block, key_padding_mask
+from .base import Encoder, GridEncoder, embed, encode
+from .blocks import Attention, Block, CrossAttention, CrossBlock, key_padding_mask
 from .feature_map import ViTFeatureMap
 from .export import monai_vit_state_dict, to_monai_vit
 from .pooling import POOLINGS, pool_tokens
@@ -8,5 +9,5 @@ from .position import sincos_position_embedding
 from .vit import SIZES, ViT
 from .windows import WindowLayout
 
-__all__ = ["ViT", "ViTFeatureMap", "SIZES", "Attention", "Block", "key_padding_mask", "WindowLayout", "sincos_position_embedding", "POOLINGS", "pool_tokens",
+__all__ = ["Encoder", "GridEncoder", "encode", "embed", "ViT", "ViTFeatureMap", "SIZES", "Attention", "Block", "CrossAttention", "CrossBlock", "key_padding_mask", "WindowLayout", "sincos_position_embedding", "POOLINGS", "pool_tokens",
            "monai_vit_state_dict", "to_monai_vit"]

@@ -1,4 +1,8 @@
-"""Pre-norm transformer block with fused-kernel attention and an optional attention mask.
+"""Pre-norm transformer blocks with fused-kernel attention and an optional attention mask:
+self-attention (:class:`Attention`, :class:`Block`) and cross-attention of queries over a
+context sequence (:class:`CrossAttention`, :class:`CrossBlock`: a detection decoder's object
+queries over image tokens, a Perceiver's latents over inputs). Sequences are ``(B, L, D)``, so
+the same blocks serve 2D and 3D.
 
 Parameter names follow MONAI's ``TransformerBlock`` (``attn.qkv``, ``attn.out_proj``,
 ``mlp.linear1``...) so an encoder converts to ``monai.networks.nets.ViT`` by renaming only the
@@ -16,7 +20,7 @@ from monai.networks.blocks import MLPBlock
 from monai.networks.layers import DropPath
 from torch import nn
 
-__all__ = ["Attention", "Block", "key_padding_mask", "run_windows"]
+__all__ = ["Attention", "Block", "CrossAttention", "CrossBlock", "key_padding_mask", "run_windows"]
 
 
 # On CPU, both of PyTorch's SDPA kernels are slow for short sequences: the fused (flash) kernel
@@ -67,11 +71,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self._qkv(x)
-        if x.device.type == "cpu" and n <= CPU_SHORT_TOKENS:
-            out = _short_cpu_attention(q, k, v, mask)  # (B, H, L, hd)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.out_proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))  # _attend: (B, H, L, hd)
 
     @torch.no_grad()
     def weights(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,6 +98,73 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _attend(q, k, v, mask):
+    if q.device.type == "cpu" and max(q.shape[-2], k.shape[-2]) <= CPU_SHORT_TOKENS:
+        return _short_cpu_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``queries`` ``(B, Lq, Dq)`` over ``context`` ``(B, Lc, Dc)`` -> ``(B, Lq, Dq)``.
+
+    ``mask``: a key-padding mask ``(B, 1, 1, Lc)`` (:func:`key_padding_mask`) or a boolean
+    ``(B, 1 or H, Lq, Lc)``, True where a query may look.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor, parts: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (parts, B, H, L, hd)
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = queries.shape
+        q = self._heads(self.q(queries), 1)[0]
+        k, v = self._heads(self.kv(context), 2)
+        return self.out_proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))
+
+    @torch.no_grad()
+    def weights(self, queries: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The softmax attention ``(B, H, Lq, Lc)`` of each query over the context (for pictures)."""
+        q = self._heads(self.q(queries), 1)[0]
+        k, _ = self._heads(self.kv(context), 2)
+        logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return logits.softmax(-1)
+
+
+class CrossBlock(nn.Module):
+    """A decoder block: ``x + self_attn(norm(x))`` (optional), ``x + cross_attn(norm(x), norm(context))``,
+    ``x + mlp(norm(x))``, with optional stochastic depth (DETR's decoder layer, pre-norm)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, self_attention: bool = True, norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads, qkv_bias) if self_attention else None
+        self.norm_self = norm_layer(dim) if self_attention else None
+        self.norm_q = norm_layer(dim)
+        self.norm_context = norm_layer(context_dim or dim)
+        self.cross_attn = CrossAttention(dim, num_heads, context_dim, qkv_bias)
+        self.norm_mlp = norm_layer(dim)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), dropout_rate=0.0, act="GELU")
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
+                self_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.self_attn is not None:
+            x = x + self.drop_path(self.self_attn(self.norm_self(x), self_mask))
+        x = x + self.drop_path(self.cross_attn(self.norm_q(x), self.norm_context(context), context_mask))
+        return x + self.drop_path(self.mlp(self.norm_mlp(x)))
 
 
 def run_windows(block: nn.Module, windows: torch.Tensor, mask: torch.Tensor | None, busy: torch.Tensor | None) -> torch.Tensor:
