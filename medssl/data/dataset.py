@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 
+from .fields import collate_fields
 from .io import describe, root_cause
 
 __all__ = ["load_datalist", "load_source", "build_dataset", "build_loader", "SkipUnreadable", "SafeCacheDataset"]
@@ -234,6 +235,8 @@ def build_dataset(entries: Sequence[dict], transform, cache: str | None = None, 
 
 
 def build_loader(dataset, batch_size: int = 8, shuffle: bool = True, num_workers: int = 0, drop_last: bool = True, **kwargs) -> DataLoader:
-    """MONAI ``DataLoader`` (its collate flattens multi-patch samples into the batch)."""
+    """MONAI ``DataLoader`` whose collate flattens multi-patch samples into the batch and keeps the
+    entries' scalar fields (:func:`~medssl.data.fields.collate_fields`)."""
+    kwargs.setdefault("collate_fn", collate_fields)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
                       persistent_workers=num_workers > 0, **kwargs)

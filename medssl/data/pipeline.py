@@ -24,21 +24,18 @@ from monai.transforms import (
     EnsureTyped,
     Orientationd,
     Resized,
-    SelectItemsd,
     Spacingd,
     SpatialPadd,
     SqueezeDimd,
 )
 from monai.utils import ensure_tuple_rep
 
+from .fields import KeepFieldsd
 from .intensity import ModalityIntensityd, ToChannelsd
 from .io import LoadMedicalImaged
 from .patches import ForegroundGridd, RandForegroundPatchesd, SliceAxisLastd
 
-__all__ = ["PipelineConfig", "build_transforms", "KEEP_KEYS"]
-
-# What reaches a batch: the tensor and the few entry fields a task or an evaluation uses.
-KEEP_KEYS = ("image", "patient", "label")
+__all__ = ["PipelineConfig", "build_transforms"]
 
 
 @dataclass(frozen=True)
@@ -102,5 +99,5 @@ def build_transforms(config: PipelineConfig | None = None, train: bool = True, *
     else:
         head += to_square
         tail = []
-    finish = [SelectItemsd(keys=KEEP_KEYS, allow_missing_keys=True), EnsureTyped(keys=k, track_meta=False)]
+    finish = [KeepFieldsd(keys=k), EnsureTyped(keys=k, track_meta=False)]  # every scalar entry field reaches the batch
     return Compose(head + tail + finish)

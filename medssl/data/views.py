@@ -15,7 +15,9 @@ back values the first window clipped, which then stay at the window's ends.
 
 :class:`MultiViewd` turns one item into ``views`` ``(G, C, *S)`` (global crops) and
 ``local_views`` ``(L, C, *s)`` (smaller crops for DINO's multi-crop); batched they become
-``(B, G, C, *S)`` and ``(B, L, C, *s)``.
+``(B, G, C, *S)`` and ``(B, L, C, *s)``. With ``modality="auto"`` (the default) each item gets
+the views of its own modality (:class:`ModalityViewsd` reads the entry's ``modality`` field): a
+folder that mixes CT, MR and radiographs jitters the HU window of the CTs only.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from monai.transforms import (
 from monai.data import get_track_meta, set_track_meta
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["RandWindowJitter", "view_augmentation", "MultiViewd", "multi_crop", "two_views"]
+__all__ = ["RandWindowJitter", "view_augmentation", "MultiViewd", "ModalityViewsd", "multi_crop", "two_views"]
 
 
 class RandWindowJitter(Randomizable, Transform):
@@ -145,19 +147,54 @@ class MultiViewd(Randomizable):
         return out
 
 
-def _modality_kwargs(modality: str) -> dict:
+class ModalityViewsd(Randomizable):
+    """Item -> the views of its modality: ``by_modality[item["modality"]]``, else ``by_modality["*"]``."""
+
+    def __init__(self, by_modality: dict[str, MultiViewd], key: str = "modality") -> None:
+        if "*" not in by_modality:
+            raise ValueError("by_modality needs a '*' entry for the other modalities")
+        self.by_modality, self.key = {k.upper(): v for k, v in by_modality.items()}, key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> ModalityViewsd:
+        super().set_random_state(seed, state)
+        for views, s in zip(self.by_modality.values(), self.R.randint(0, 2**31 - 1, size=len(self.by_modality))):
+            views.set_random_state(seed=int(s))
+        return self
+
+    def randomize(self, data=None) -> None:
+        pass
+
+    def __call__(self, data: dict) -> dict:
+        modality = str(data.get(self.key) or "*").upper()
+        return self.by_modality.get(modality, self.by_modality["*"])(data)
+
+
+def _window_jitter(modality: str) -> dict:
     return {"window_jitter": modality.upper() == "CT"}
+
+
+def _per_modality(build, modality: str):
+    """One :class:`MultiViewd` for ``modality``, or for ``"auto"`` a :class:`ModalityViewsd` with CT's and the others'."""
+    if modality.lower() != "auto":
+        return build(_window_jitter(modality))
+    return ModalityViewsd({"CT": build(_window_jitter("CT")), "*": build(_window_jitter("*"))})
 
 
 def multi_crop(spatial_dims: int, size: int, local_size: int, n_local: int = 4, n_global: int = 2,
                global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
-               modality: str = "CT", **augment) -> MultiViewd:
-    """DINO's multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size``."""
-    kw = {**_modality_kwargs(modality), **augment}
-    return MultiViewd(view_augmentation(spatial_dims, size, global_scale, **kw), n_global,
-                      view_augmentation(spatial_dims, local_size, local_scale, **kw) if n_local else None, n_local)
+               modality: str = "auto", **augment) -> MultiViewd | ModalityViewsd:
+    """DINO's multi-crop: ``n_global`` crops at ``size`` and ``n_local`` at ``local_size``.
+
+    ``modality``: ``"auto"`` reads each item's ``modality`` (CT: HU-window jitter); a name fixes it for every item.
+    """
+    def build(jitter):
+        kw = {**jitter, **augment}
+        return MultiViewd(view_augmentation(spatial_dims, size, global_scale, **kw), n_global,
+                          view_augmentation(spatial_dims, local_size, local_scale, **kw) if n_local else None, n_local)
+    return _per_modality(build, modality)
 
 
-def two_views(spatial_dims: int, size: int, scale: tuple[float, float] = (0.4, 1.0), modality: str = "CT", **augment) -> MultiViewd:
-    """SimCLR / Barlow Twins: two independently augmented crops at ``size``."""
-    return MultiViewd(view_augmentation(spatial_dims, size, scale, **{**_modality_kwargs(modality), **augment}), 2)
+def two_views(spatial_dims: int, size: int, scale: tuple[float, float] = (0.4, 1.0), modality: str = "auto",
+              **augment) -> MultiViewd | ModalityViewsd:
+    """SimCLR / Barlow Twins: two independently augmented crops at ``size`` (``modality`` as in :func:`multi_crop`)."""
+    return _per_modality(lambda jitter: MultiViewd(view_augmentation(spatial_dims, size, scale, **{**jitter, **augment}), 2), modality)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 
+from ..data.fields import collate_fields
 from ..distributed import is_distributed, world_size
 from ..distributed import rank as this_rank
 
@@ -134,5 +135,6 @@ def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: in
     sampler = EpochSampler(len(dataset), seed=seed, num_replicas=world, rank=rank)
     steps = len(sampler) // batch_size if drop_last else -(-len(sampler) // batch_size)
     seeded = SeededDataset(dataset, seed, views=views, schedule=schedule, batch_size=batch_size, steps_per_epoch=steps)
+    kwargs.setdefault("collate_fn", collate_fields)
     return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=num_workers > 0, **kwargs)

@@ -76,17 +76,28 @@ class ProgressBar:
         self._sums, self._counts = {}, {}
 
 
+def _first(value, n: int):
+    """The first ``n`` samples of a batch field (tensors cloned off the training batch, lists sliced)."""
+    if isinstance(value, torch.Tensor):
+        return value[:n].detach().clone() if value.ndim else value.clone()
+    if isinstance(value, (list, tuple)):
+        return list(value[:n])
+    return value
+
+
 class TaskPictures:
     """Write each task's ``visualize`` panels (e.g. MAE input / masked / reconstruction) to PNGs.
 
-    The first ``n`` samples of the first batch are kept and drawn again every ``every`` epochs and
-    at the end (``<task>_epoch<NNN>.png``, ``<task>_final.png``), so pictures compare across epochs.
-    Masks for the pictures come from a fixed seed and leave the training random stream untouched.
+    Each task draws on its own batch: the first ``n`` samples of the last batch it trained on (in a
+    cyclic run an MAE batch has no views and a DINO batch was made with DINO's views, so one shared
+    batch could not serve every task). Pictures are written every ``every`` epochs and at the end
+    (``<task>_epoch<NNN>.png``, ``<task>_final.png``); masks for them come from a fixed seed and
+    leave the training random stream untouched.
     """
 
     def __init__(self, out_dir: str | os.PathLike, every: int = 1, n: int = 4, seed: int = 0) -> None:
         self.out_dir, self.every, self.n, self.seed = Path(out_dir), every, n, seed
-        self.batch: dict | None = None
+        self.batches: dict[str, dict] = {}
         self.written: list[Path] = []
 
     def attach(self, engine) -> None:
@@ -94,29 +105,43 @@ class TaskPictures:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
         engine.add_event_handler(Events.COMPLETED, self, final=True)
 
+    @staticmethod
+    def _task_names(network) -> list[str]:
+        return list(getattr(network, "names", None) or ["task"])
+
     def _keep_batch(self, engine) -> None:
-        if self.batch is None:
-            self.batch = {k: v[: self.n].detach().clone() for k, v in engine.state.batch.items() if isinstance(v, torch.Tensor)}
+        if not is_main_process() or not isinstance(engine.state.batch, dict):
+            return
+        names = self._task_names(unwrap(engine.network))
+        index = (engine.state.output or {}).get("task", 0)
+        name = names[int(index)] if 0 <= int(index) < len(names) else names[0]
+        self.batches[name] = {k: _first(v, self.n) for k, v in engine.state.batch.items()}
 
     def __call__(self, engine, final: bool = False) -> None:
-        if self.batch is None or not is_main_process():
+        if not self.batches or not is_main_process():
             return
         from ..viz.panels import write_panels
 
         network = unwrap(engine.network)
         tasks = getattr(network, "tasks", {"task": network})
-        batch = {k: v.to(engine.state.device) for k, v in self.batch.items()}
         was_training = network.training
         network.eval()
         tag = "final" if final else f"epoch{engine.state.epoch:03d}"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        device = engine.state.device
+        try:
             for name, task in tasks.items():
-                images = task.visualize(batch)
+                kept = self.batches.get(name)
+                if kept is None:
+                    continue  # this task has not trained yet
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kept.items()}
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed)
+                    images = task.visualize(batch)
                 if images:
                     title = f"{name} - epoch {engine.state.epoch}, iteration {engine.state.iteration}"
                     self.written.append(write_panels(images, self.out_dir / f"{name}_{tag}.png", title=title))
-        network.train(was_training)
+        finally:
+            network.train(was_training)
 
 
 class MainProcessOnly:

@@ -1,13 +1,18 @@
-"""The pretraining engine: a ``monai.engines.SupervisedTrainer`` whose step runs a task.
+"""The training engine: a ``monai.engines.SupervisedTrainer`` whose step runs a task.
 
+One engine for everything medssl trains: self-supervised pretraining, multi-task mixes, and the
+supervised fine-tuning and from-scratch baselines of the evaluation protocol
+(:class:`~medssl.tasks.ClassificationTask`, :func:`medssl.eval.supervised.train_classifier`).
 Everything around the step is a handler, as in MONAI's model-zoo bundles (LR schedule, stats,
 TensorBoard, checkpoints, pictures, progress bar). The step itself:
 
-``seed(seed, iteration, rank) -> step_start -> autocast(task forward) -> backward -> clip -> optimizer step -> step_end``
+``prepare_batch -> seed(seed, iteration, rank) -> step_start -> autocast(task forward) -> backward -> clip -> optimizer step -> step_end``
 
-(``step_start``/``step_end`` give every task the training progress; DINO updates its EMA teacher there.)
-
-and returns plain floats (``loss`` plus whatever the task reports), which is what the handlers log.
+(``step_start``/``step_end`` give every task the training progress; DINO updates its EMA teacher
+there.) It fires MONAI's ``IterationEvents`` as ``SupervisedTrainer`` does: ``FORWARD_COMPLETED``
+and ``LOSS_COMPLETED`` with ``engine.state.output`` holding ``image``, ``label``, ``pred`` (the
+task's output dict) and ``loss``, then ``BACKWARD_COMPLETED`` and ``MODEL_COMPLETED``. The step
+returns plain floats (``loss`` plus whatever the task reports), which is what the handlers log.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from functools import lru_cache
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
 
 from ..distributed import rank
 from ..tasks.base import Task
@@ -26,7 +33,7 @@ from .checkpoint import unwrap
 from .determinism import EpochSampler, derive_seed
 from .multitask import MultiTask
 
-__all__ = ["PretrainTrainer", "autocast_dtype"]
+__all__ = ["PretrainTrainer", "autocast_dtype", "prepare_task_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +82,16 @@ def _fit_decollated_transform(handler) -> None:
         handler.output_transform = lambda out, t=transform: t([out]) if isinstance(out, dict) else t(out)
 
 
+def prepare_task_batch(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs) -> dict:
+    """The trainer's default ``prepare_batch``: the whole batch dict, its tensors on ``device``
+    (tasks read views, labels and metadata by key; MONAI's default keeps image and label only)."""
+    if not isinstance(batchdata, dict):
+        raise TypeError(f"a task trains on dict batches (image, views, label ...), got {type(batchdata).__name__}")
+    return {k: v.to(device, non_blocking=non_blocking, **kwargs) if isinstance(v, torch.Tensor) else v for k, v in batchdata.items()}
+
+
 class PretrainTrainer(SupervisedTrainer):
-    """Self-supervised pretraining on ``monai.engines``.
+    """Training of tasks (self-supervised, supervised, or a mix) on ``monai.engines``.
 
     Args:
         network: a :class:`~medssl.tasks.Task`, a list of tasks or a :class:`MultiTask` (possibly
@@ -85,11 +100,13 @@ class PretrainTrainer(SupervisedTrainer):
         clip_grad_norm: max gradient norm (None: no clipping).
         seed: seeds every step from ``(seed, iteration, rank)`` so a resumed run replays exactly.
         max_bad_steps: consecutive non-finite losses or gradients tolerated (steps skipped) before training stops.
+        prepare_batch: ``(batch, device, non_blocking, **kwargs) -> dict`` (default :func:`prepare_task_batch`).
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader, network, optimizer,
                  epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool | str = "auto",
-                 clip_grad_norm: float | None = 3.0, seed: int = 0, max_bad_steps: int = 10, non_blocking: bool = True) -> None:
+                 clip_grad_norm: float | None = 3.0, seed: int = 0, max_bad_steps: int = 10, non_blocking: bool = True,
+                 prepare_batch=prepare_task_batch, quiet: bool = False) -> None:
         if not isinstance(max_epochs, int) or max_epochs < 1:
             raise ValueError(f"max_epochs must be a whole number >= 1, got {max_epochs!r}")
         for handler in train_handlers or ():
@@ -99,7 +116,7 @@ class PretrainTrainer(SupervisedTrainer):
         device = torch.device(device)
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, network=network.to(device),
                          optimizer=optimizer, loss_function=None, epoch_length=epoch_length, non_blocking=non_blocking,
-                         train_handlers=train_handlers, amp=False, decollate=False)
+                         train_handlers=train_handlers, amp=False, decollate=False, prepare_batch=prepare_batch)
         self.autocast = autocast_dtype(device, amp)
         if self.autocast == torch.float16:
             self.scaler = torch.amp.GradScaler(device.type)
@@ -112,7 +129,7 @@ class PretrainTrainer(SupervisedTrainer):
         self._positioned = False
         self.add_event_handler(Events.STARTED, self._reset_position)
         self.add_event_handler(Events.EPOCH_STARTED, self._position_sampler)
-        logger.info("pretraining on %s, autocast %s", device, self.autocast)
+        (logger.debug if quiet else logger.info)("training on %s, autocast %s", device, self.autocast)
 
     # -- exact resume ---------------------------------------------------------------------
     def _reset_position(self, engine) -> None:
@@ -143,9 +160,10 @@ class PretrainTrainer(SupervisedTrainer):
         return {"loss": float("nan")}
 
     def _iteration(self, engine, batchdata: dict) -> dict[str, float]:
+        if batchdata is None:
+            raise ValueError("the loader gave no batch")
         device = engine.state.device
-        batch = {k: v.to(device, non_blocking=engine.non_blocking) if isinstance(v, torch.Tensor) else v
-                 for k, v in batchdata.items()}
+        batch = engine.prepare_batch(batchdata, device, engine.non_blocking, **engine.to_kwargs)
         iteration = engine.state.iteration
         torch.manual_seed(derive_seed(self.seed, iteration, self.rank))
         engine.network.train()
@@ -153,9 +171,14 @@ class PretrainTrainer(SupervisedTrainer):
         tasks = unwrap(engine.network)
         progress = iteration / max(1, engine.state.max_epochs * engine.state.epoch_length)
         tasks.step_start(progress)
+        engine.state.output = {Keys.IMAGE: batch.get("image"), Keys.LABEL: batch.get("label")}
         with torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             out = engine.network(batch, iteration)
+            engine.state.output[Keys.PRED] = out
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss = out["loss"]
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if not torch.isfinite(loss):
             return self._bad_step(iteration, f"non-finite loss {float(loss.detach())}")
         if self.scaler is not None:
@@ -163,6 +186,7 @@ class PretrainTrainer(SupervisedTrainer):
             self.scaler.unscale_(engine.optimizer)
         else:
             loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         grad_norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.clip_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm) and self.scaler is None:  # a finite loss can still have NaN/inf gradients
             return self._bad_step(iteration, f"non-finite gradient norm {float(grad_norm)}")
@@ -171,6 +195,7 @@ class PretrainTrainer(SupervisedTrainer):
             self.scaler.update()
         else:
             engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
         tasks.step_end(progress)
         self._bad_steps = 0
         result = {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}

@@ -11,8 +11,8 @@ from .fractions import stratified_subset
 from .knn import knn_scores
 from .metrics import METRICS, classification_metrics
 from .probe import linear_probe_scores
-from .supervised import Classifier, layer_decay_groups, predict_scores, train_classifier
+from .supervised import layer_decay_groups, train_classifier
 
 __all__ = ["embed_image", "EmbeddingInferer", "EmbeddingWriter", "embedding_evaluator", "write_embeddings", "load_encoder", "stratified_subset",
-           "knn_scores", "linear_probe_scores", "classification_metrics", "METRICS", "Classifier", "layer_decay_groups",
-           "predict_scores", "train_classifier"]
+           "knn_scores", "linear_probe_scores", "classification_metrics", "METRICS", "layer_decay_groups",
+           "train_classifier"]

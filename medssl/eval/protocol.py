@@ -32,7 +32,8 @@ from .journal import Journal
 from .knn import knn_scores
 from .metrics import METRICS, classification_metrics
 from .probe import linear_probe_scores
-from .supervised import Classifier, predict_scores, train_classifier
+from ..tasks.classify import ClassificationTask
+from .supervised import train_classifier
 
 __all__ = ["EvalPlan", "run_evaluation", "aggregate", "markdown_table", "write_reports"]
 
@@ -157,15 +158,15 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
                     if method == "resnet18":
                         from monai.networks.nets import resnet18
 
-                        model = Classifier(resnet18(spatial_dims=spatial_dims, n_input_channels=xtr.shape[1], num_classes=num_classes),
-                                           num_classes, pooling=None)
+                        model = ClassificationTask(resnet18(spatial_dims=spatial_dims, n_input_channels=xtr.shape[1],
+                                                            num_classes=num_classes), num_classes, pooling=None)
                     else:
-                        model = Classifier(make_encoder(method == "finetune"), num_classes, pooling=plan.finetune_pooling)
+                        model = ClassificationTask(make_encoder(method == "finetune"), num_classes, pooling=plan.finetune_pooling)
                     train_idx, stop_x, stop_y = _stop_split(idx, ytr_np, seed, splits)
                     train_classifier(model, xtr[train_idx], ytr[train_idx], stop_x, stop_y, epochs=plan.epochs,
                                      batch_size=plan.batch_size, lr=plan.lr, patience=plan.patience, seed=seed,
                                      layer_decay=0.75 if method == "finetune" else None, device=device)
-                    return len(train_idx), predict_scores(model, xrep)
+                    return len(train_idx), model.predict(xrep)
                 run(method, plan.finetune_pooling if method != "resnet18" else "-", fraction, seed, supervised_scores)
     bar.close()
     return {"split": report, "plan": asdict(plan), "records": records, "table": aggregate(records)}

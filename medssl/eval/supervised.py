@@ -1,14 +1,16 @@
 """Supervised training for evaluation: fine-tuning a pretrained encoder and the from-scratch baselines.
 
-One loop serves both (same splits, seeds and schedule, so the comparison is fair):
+Both run on the training engine (:class:`~medssl.engine.PretrainTrainer`) with a
+:class:`~medssl.tasks.ClassificationTask`, with the same splits, seeds and schedule, so the
+comparison is fair:
 
-- :class:`Classifier`: an encoder, a pooling, a linear head. For a medssl ViT the pooling is
-  ``cls``/``mean``/``flatten``; any other network (MONAI's ResNet-18 baseline) is used as is
-  with ``pooling=None`` and must return logits itself.
 - :func:`layer_decay_groups`: layer-wise learning-rate decay for ViTs (BEiT / MAE fine-tuning):
-  block ``i`` of ``L`` trains at ``lr * decay ** (L - i)``, the head at ``lr``.
-- :func:`train_classifier`: AdamW, warm-up + cosine, cross-entropy, early stopping on the
-  ``stop`` split's AUC with a patience; the best weights are restored at the end.
+  block ``i`` of ``L`` trains at ``lr * decay ** (L - i)``, the head at ``lr``;
+- :func:`train_classifier`: AdamW, warm-up + cosine per step, cross-entropy, early stopping on
+  the ``stop`` split's AUC with a patience; the best weights are restored at the end. Each epoch's
+  order is the next ``torch.randperm`` of one generator seeded with ``seed`` (what the loop that
+  came before the engine drew, so recorded figures reproduce); a last batch of one image is
+  dropped (it would break the ResNet baseline's batch norm).
 """
 
 from __future__ import annotations
@@ -16,44 +18,26 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
+from ignite.engine import Events
 from torch import nn
 
-from ..models.pooling import pool_tokens
+from ..tasks.classify import ClassificationTask
 from .metrics import classification_metrics
 
-__all__ = ["Classifier", "layer_decay_groups", "train_classifier", "predict_scores"]
+__all__ = ["layer_decay_groups", "train_classifier", "ReplayShuffle"]
 
 
-class Classifier(nn.Module):
-    """``encoder`` -> pooled features -> linear head ``(B, num_classes)`` (or ``encoder`` alone if ``pooling`` is None)."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str | None = "cls", feature_dim: int | None = None) -> None:
-        super().__init__()
-        self.encoder, self.pooling = encoder, pooling
-        width = feature_dim or getattr(encoder, "embed_dim", None)
-        self.head = nn.Linear(width, num_classes) if pooling is not None else nn.Identity()
-        if pooling is not None:
-            nn.init.zeros_(self.head.bias)
-            nn.init.trunc_normal_(self.head.weight, std=0.01)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pooling is None:
-            return self.encoder(x)
-        return self.head(pool_tokens(self.encoder(x), self.pooling, self.encoder.num_prefix_tokens))
-
-
-def layer_decay_groups(model: Classifier, lr: float, weight_decay: float = 0.05, decay: float = 0.75) -> list[dict]:
+def layer_decay_groups(task: ClassificationTask, lr: float, weight_decay: float = 0.05, decay: float = 0.75) -> list[dict]:
     """AdamW parameter groups with layer-wise LR decay (ViT encoders) and no weight decay on norms/biases."""
-    depth = len(getattr(model.encoder, "blocks", []))
+    depth = len(getattr(task.backbone, "blocks", []))
     groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
+    for name, param in task.named_parameters():
         if not param.requires_grad:
             continue
-        if name.startswith("encoder.blocks."):
+        if name.startswith("backbone.blocks."):
             layer = int(name.split(".")[2]) + 1
-        elif name.startswith("encoder.") and depth and not name.startswith("encoder.norm"):
+        elif name.startswith("backbone.") and depth and not name.startswith("backbone.norm"):
             layer = 0  # patch embedding, CLS token
         else:
             layer = depth + 1  # final norm, head, or a whole non-ViT network
@@ -65,61 +49,74 @@ def layer_decay_groups(model: Classifier, lr: float, weight_decay: float = 0.05,
     return list(groups.values())
 
 
-@torch.no_grad()
-def predict_scores(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Softmax probabilities ``(N, K)``."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = [model(x[i:i + batch_size].to(device)).float().softmax(-1).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy()
+class ReplayShuffle(torch.utils.data.Sampler):
+    """Each epoch the next ``torch.randperm(size)`` of one generator seeded with ``seed``."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.generator = size, torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=self.generator).tolist())
 
 
-def train_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, stop_x: torch.Tensor, stop_y: torch.Tensor,
-                     epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05,
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+class _EarlyStopping:
+    """After each epoch: metrics on the stop split; keep the best weights; stop after ``patience`` epochs without gain."""
+
+    def __init__(self, task: ClassificationTask, x: torch.Tensor, y: torch.Tensor, patience: int) -> None:
+        self.task, self.x, self.y, self.patience = task, x, y, patience
+        self.best, self.best_score, self.best_epoch, self.history = None, -math.inf, -1, []
+
+    def __call__(self, engine) -> None:
+        metrics = classification_metrics(self.y.numpy(), self.task.predict(self.x))
+        self.history.append(metrics)
+        epoch = engine.state.epoch - 1
+        score = metrics["auc"] if not math.isnan(metrics["auc"]) else metrics["accuracy"]
+        if score > self.best_score:
+            self.best, self.best_score, self.best_epoch = copy.deepcopy(self.task.state_dict()), score, epoch
+        elif epoch - self.best_epoch >= self.patience:
+            engine.terminate()
+
+
+def train_classifier(task: ClassificationTask, train_x: torch.Tensor, train_y: torch.Tensor, stop_x: torch.Tensor,
+                     stop_y: torch.Tensor, epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05,
                      layer_decay: float | None = 0.75, patience: int = 5, warmup_epochs: int = 2, seed: int = 0,
                      device: str | torch.device = "cpu") -> dict:
-    """Train ``model`` on ``(train_x, train_y)``; stop when AUC on ``(stop_x, stop_y)`` has not improved for ``patience`` epochs.
+    """Train ``task`` on ``(train_x, train_y)``; stop when AUC on ``(stop_x, stop_y)`` has not improved for ``patience`` epochs.
 
-    Returns ``{"best_epoch", "epochs_run", "history": [stop-split metrics per epoch]}``; ``model`` ends with its best weights.
+    Returns ``{"best_epoch", "epochs_run", "history": [stop-split metrics per epoch]}``; ``task`` ends with its best weights.
     """
     from ..engine.lr_schedule import WarmupCosine
-    from ..engine.trainer import autocast_dtype
+    from ..engine.trainer import PretrainTrainer
 
     torch.manual_seed(seed)
     device = torch.device(device)
-    model.to(device)
-    groups = layer_decay_groups(model, lr, weight_decay, layer_decay) if layer_decay else [{"params": list(model.parameters())}]
-    for g in groups:
-        g["base_lr"] = g.get("lr", lr)
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    dtype = autocast_dtype(device, "auto")
+    task.to(device)
+    groups = layer_decay_groups(task, lr, weight_decay, layer_decay) if layer_decay else [{"params": list(task.parameters())}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_x) / batch_size))
-    schedule = WarmupCosine(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    best, best_score, best_epoch, history, step = None, -math.inf, -1, [], 0
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(train_x), generator=generator)
-        for i in range(0, len(order), batch_size):
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * schedule(step)
-            idx = order[i:i + batch_size]
-            if len(idx) < 2 < len(order):
-                continue  # a last batch of one would break batch norm (ResNet baseline)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = loss_fn(model(train_x[idx].to(device)).float(), train_y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)):
-                opt.step()  # a non-finite gradient (bf16 overflow) skips the update instead of poisoning the weights
-            step += 1
-        metrics = classification_metrics(stop_y.numpy(), predict_scores(model, stop_x))
-        history.append(metrics)
-        score = metrics["auc"] if not math.isnan(metrics["auc"]) else metrics["accuracy"]
-        if score > best_score:
-            best, best_score, best_epoch = copy.deepcopy(model.state_dict()), score, epoch
-        elif epoch - best_epoch >= patience:
-            break
-    model.load_state_dict(best)
-    return {"best_epoch": best_epoch, "epochs_run": len(history), "history": history}
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
+    n = len(train_x)
+    loader = torch.utils.data.DataLoader(_Items(train_x, train_y), batch_size=batch_size, sampler=ReplayShuffle(n, seed),
+                                         drop_last=n > 2 and n % batch_size == 1)
+    stopping = _EarlyStopping(task, stop_x, stop_y, patience)
+    trainer = PretrainTrainer(device, epochs, loader, task, optimizer, amp="auto", clip_grad_norm=3.0, seed=seed,
+                              max_bad_steps=epochs * steps_per_epoch, quiet=True)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: schedule.step())
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, stopping)
+    trainer.run()
+    task.load_state_dict(stopping.best)
+    return {"best_epoch": stopping.best_epoch, "epochs_run": len(stopping.history), "history": stopping.history}

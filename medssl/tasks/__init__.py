@@ -2,6 +2,7 @@
 
 from .barlow import BarlowTwinsTask
 from .base import TASKS, Task, build_task, check_batch, register_task
+from .classify import ClassificationTask
 from .dino import DINOTask
 from .heads import DINOHead, ProjectionMLP
 from .mae import MAETask
@@ -10,5 +11,5 @@ from .patchify import patchify, unpatchify
 from .simclr import SimCLRTask, nt_xent
 
 __all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch", "MAETask", "DINOTask", "SimCLRTask",
-           "BarlowTwinsTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
+           "BarlowTwinsTask", "ClassificationTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
            "patchify", "unpatchify"]

@@ -26,7 +26,26 @@ def test_pipeline_shapes_from_phantoms(phantoms, spatial_dims, source_dims, size
     for s in samples:
         assert type(s["image"]) is torch.Tensor and s["image"].shape == (1,) + (size,) * spatial_dims
         assert 0.0 <= float(s["image"].min()) and float(s["image"].max()) <= 1.0
-        assert set(s) == {"image", "patient"}
+        assert {"image", "patient", "modality", "spatial_dims"} <= set(s)
+        assert all(k == "image" or not isinstance(v, (list, dict)) for k, v in s.items())  # scalars only
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_entry_fields_reach_the_batch_collated(phantoms, spatial_dims):
+    """Every scalar datalist field (a user's own too) reaches the batch: strings as lists, numbers as tensors;
+    lists stay behind, and a field only some items carry is left out of the batch instead of failing it."""
+    entries = [e for e in scan_folder(phantoms, progress=False).entries if e["spatial_dims"] == spatial_dims][:2]
+    for i, e in enumerate(entries):
+        e.update(source="site-a", organ=i + 1, weight=0.5, split="train", notes=["not", "a", "scalar"], empty=None)
+    entries[0]["only_here"] = "x"
+    t = build_transforms(spatial_dims=spatial_dims, size=16, num_samples=1)
+    batch = next(iter(build_loader(build_dataset(entries, t), batch_size=2, shuffle=False)))
+    assert batch["image"].shape == (2, 1, *[16] * spatial_dims)
+    assert batch["source"] == ["site-a", "site-a"] and batch["split"] == ["train", "train"]
+    assert batch["modality"] == [e["modality"] for e in entries] and len(batch["patient"]) == 2
+    assert torch.equal(batch["organ"], torch.tensor([1, 2])) and torch.equal(batch["spatial_dims"], torch.tensor([spatial_dims] * 2))
+    assert torch.allclose(batch["weight"], torch.tensor([0.5, 0.5], dtype=batch["weight"].dtype))
+    assert "notes" not in batch and "empty" not in batch and "only_here" not in batch
 
 
 def test_ct_windows_become_channels(phantoms):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medssl.data.views import RandWindowJitter, multi_crop, two_views, view_augmentation
+from medssl.data.views import MultiViewd, RandWindowJitter, multi_crop, two_views, view_augmentation
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -62,3 +62,28 @@ def test_ct_views_jitter_the_window_and_others_do_not():
     assert not any(isinstance(t, RandWindowJitter) for t in xr.transforms)
     assert any(isinstance(t, RandWindowJitter) for t in multi_crop(2, 16, 8, modality="CT").global_view.transforms)
     assert not any(isinstance(t, RandWindowJitter) for t in two_views(2, 16, modality="DX").global_view.transforms)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_auto_views_jitter_the_hu_window_of_ct_items_only(spatial_dims, monkeypatch):
+    """modality="auto": each item gets its own modality's views (no view_modality setting needed)."""
+    from medssl.data.views import ModalityViewsd
+
+    calls = []
+    real = RandWindowJitter.__call__
+    monkeypatch.setattr(RandWindowJitter, "__call__", lambda self, img: calls.append(1) or real(self, img))
+    for build in (lambda: multi_crop(spatial_dims, 16, 8, n_local=1), lambda: two_views(spatial_dims, 16)):
+        views = build()
+        assert isinstance(views, ModalityViewsd)
+        views.set_random_state(seed=0)
+        img = torch.rand(1, *[20] * spatial_dims)
+        for modality, jittered in (("CT", True), ("ct", True), ("MR", False), ("DX", False), (None, False)):
+            calls.clear()
+            out = views({"image": img, "modality": modality})
+            assert out["views"].shape[:2] == (2, 1)
+            assert bool(calls) == jittered, modality
+        views.set_random_state(seed=0)
+        a = views({"image": img, "modality": "CT"})["views"]
+        views.set_random_state(seed=0)
+        assert torch.equal(views({"image": img, "modality": "CT"})["views"], a)  # reproducible from the seed
+    assert isinstance(two_views(spatial_dims, 16, modality="CT"), MultiViewd)

@@ -37,5 +37,5 @@ def test_two_process_training_shards_data_and_syncs_gradients(tmp_path, bundle, 
     assert [p.name for p in (tmp_path / "run" / "models").glob("checkpoint_*.pt")] == ["checkpoint_00000006.pt"]
     # only rank 0 reports: one summary line per epoch, one TensorBoard writer, no progress lines from rank 1
     assert len(re.findall(r"epoch 2/2 \(iteration 6\): loss \S+ .* grad_norm \S+", out.stdout)) == 1
-    assert out.stdout.count("Engine run finished") == 1 and out.stdout.count("pretraining on") == 1
+    assert out.stdout.count("Engine run finished") == 1 and out.stdout.count(" training on ") == 1
     assert len(list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))) == 1

@@ -190,3 +190,42 @@ def test_progress_is_plain_lines_when_the_output_is_not_a_terminal(capsys):
                                                         output={"loss": 0.5})))
     lines = capsys.readouterr().err.splitlines()
     assert lines == [f"epoch 1/2: {n}/16 iterations, loss 0.5" for n in (4, 8, 12)]  # the summary line ends the epoch
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_the_step_fires_monai_iteration_events_and_uses_prepare_batch(spatial_dims):
+    """Handlers hook in as in model-zoo bundles: IterationEvents with MONAI's output keys, a custom prepare_batch."""
+    from monai.engines.utils import IterationEvents
+
+    from medssl.engine.trainer import prepare_task_batch
+    from medssl.tasks import ClassificationTask
+
+    torch.manual_seed(0)
+    vit = ViT(spatial_dims, 1, patch_size=4, size="micro")
+    tasks = [ClassificationTask(vit, num_classes=2), MAETask(vit)]  # supervised + an SSL auxiliary: a task mix
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.rand(1, *[16] * spatial_dims, generator=g), "label": i % 2} for i in range(8)]
+    prepared = []
+
+    def prepare(batch, device, non_blocking, **kwargs):
+        prepared.append(sorted(batch))
+        return prepare_task_batch(batch, device, non_blocking, **kwargs)
+
+    net = MultiTask(tasks)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    trainer = PretrainTrainer("cpu", 2, pretrain_loader(Dataset(data), batch_size=4, seed=0), net, opt, amp=False,
+                              prepare_batch=prepare)
+    fired: list = []
+    for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED, IterationEvents.BACKWARD_COMPLETED,
+                  IterationEvents.MODEL_COMPLETED):
+        trainer.add_event_handler(event, lambda engine, e=event: fired.append((e, sorted(engine.state.output))))
+    ran = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: ran.append(int(engine.state.output["task"])))
+    before = vit.patch_embed.weight.detach().clone()
+    trainer.run()
+    assert len(prepared) == 4 and all("label" in keys and "image" in keys for keys in prepared)
+    assert [e for e, _ in fired[:4]] == [IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED,
+                                         IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED]
+    assert len(fired) == 16 and fired[1][1] == ["image", "label", "loss", "pred"]
+    assert not torch.equal(before, vit.patch_embed.weight)
+    assert ran == [0, 1, 0, 1]  # classify and MAE in turn

@@ -1,0 +1,74 @@
+"""Supervised classification as a task: the encoder, a pooling and a linear head, cross-entropy on labels.
+
+Being a task, it trains on the same engine as pretraining (AMP, clipping, non-finite skipping,
+checkpoints, resume, DDP in one place): fine-tuning a pretrained encoder, the from-scratch
+baselines of the evaluation protocol, and "supervised + SSL auxiliary" training as a task mix
+(``task_names: [classify, mae]``) are all this one file.
+
+``pooling=None`` takes a network that already returns logits (MONAI's ResNet-18 baseline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Task, register_task
+
+__all__ = ["ClassificationTask"]
+
+
+@register_task("classify")
+class ClassificationTask(Task):
+    """Cross-entropy classification of ``batch[image_key]`` into ``num_classes`` (``batch[label_key]``).
+
+    Args:
+        num_classes: number of classes.
+        pooling: how tokens become one vector (``cls``, ``mean``, ``flatten``; default ``cls``
+            with a CLS token, else ``mean``); None when the backbone returns logits itself.
+        feature_dim: width of the pooled vector (default the encoder's ``embed_dim``; give it for
+            ``flatten``, whose width depends on the grid).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 2, pooling: str | None = "default", feature_dim: int | None = None,
+                 image_key: str = "image", label_key: str = "label") -> None:
+        super().__init__(backbone)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
+        if pooling == "default":
+            pooling = "cls" if getattr(backbone, "num_prefix_tokens", 0) else "mean"
+        self.num_classes, self.pooling, self.image_key, self.label_key = num_classes, pooling, image_key, label_key
+        self.required_keys = (image_key, label_key)
+        if pooling is None:
+            self.head = nn.Identity()
+        else:
+            self.head = nn.Linear(feature_dim or backbone.embed_dim, num_classes)
+            nn.init.zeros_(self.head.bias)
+            nn.init.trunc_normal_(self.head.weight, std=0.01)
+
+    def logits(self, x: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
+        """``(B, num_classes)`` class scores of images ``x``."""
+        if self.pooling is None:
+            return self.backbone(x)
+        return self.head(self.embed(batch, x, self.pooling))
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x, y = batch[self.image_key], batch[self.label_key]
+        logits = self.logits(x, batch).float()
+        y = torch.as_tensor(y, device=logits.device).long().view(-1)
+        loss = F.cross_entropy(logits, y)
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == y).float().mean()
+        return {"loss": loss, "accuracy": accuracy}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """Softmax probabilities ``(N, num_classes)`` of images ``x`` (any device; computed on the task's)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out = [self.logits(x[i:i + batch_size].to(device)).float().softmax(-1).cpu() for i in range(0, len(x), batch_size)]
+        self.train(was_training)
+        return torch.cat(out).numpy()
