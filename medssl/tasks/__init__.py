@@ -5,11 +5,12 @@ from .base import TASKS, Task, build_task, check_batch, register_task
 from .classify import ClassificationTask
 from .dino import DINOTask
 from .heads import DINOHead, ProjectionMLP
+from .jigsaw import JigsawTask
 from .mae import MAETask
 from .masking import TokenMask, patch_foreground, sample_mask
 from .patchify import patchify, unpatchify
 from .simclr import SimCLRTask, nt_xent
 
 __all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch", "MAETask", "DINOTask", "SimCLRTask",
-           "BarlowTwinsTask", "ClassificationTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
+           "BarlowTwinsTask", "ClassificationTask", "JigsawTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
            "patchify", "unpatchify"]

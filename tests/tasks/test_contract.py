@@ -17,7 +17,7 @@ from torch import nn
 
 from medssl.models import ViT
 from medssl.models.base import Encoder, GridEncoder
-from medssl.tasks import BarlowTwinsTask, DINOTask, MAETask, SimCLRTask
+from medssl.tasks import BarlowTwinsTask, DINOTask, JigsawTask, MAETask, SimCLRTask
 
 SIZE, LOCAL = 16, 8
 
@@ -161,3 +161,8 @@ class TestBarlowTwins(TaskContract):
 
     def make_views(self, spatial_dims):
         return two_views(spatial_dims, SIZE)
+
+
+class TestJigsaw(TaskContract):
+    def make_task(self, backbone):
+        return JigsawTask(backbone, grid=2, n_permutations=10, tile_dim=16, hidden_dim=32)
