@@ -70,7 +70,7 @@ def train_size(data: Path) -> int:
 def pretrain_once(objective: str, overrides: dict, out: Path) -> float:
     """Pretrain into ``out`` unless done there; returns the wall seconds of this call."""
     from medssl.atomic import atomic_write
-    from medssl.cli import pretrain
+    from medssl.workflows import pretrain
     from medssl.engine.checkpoint import latest_checkpoint
 
     _, bundle, settings = OBJECTIVES[objective]
@@ -127,7 +127,7 @@ def main() -> None:
 
     from medssl.bundle_settings import config_settings
     from medssl.bundles import bundle_config, data_overrides
-    from medssl.cli import parse_sets, evaluate
+    from medssl.workflows import evaluate, parse_sets
     from medssl.eval.compare import best_table, compare_results, load_results, paired_table, write_comparison
     from medssl.eval.protocol import EvalPlan
 

@@ -24,6 +24,9 @@ RUNS = {
     "dino_xray_2d": ("xray", {"max_epochs": 20, "picture_every": 20, "image_size": 128, "out_dim": 256},
                      {"dino_final.png": "dino_xray_2d.png"}),
     "simclr_xray_2d": ("xray", {"max_epochs": 20, "picture_every": 20, "image_size": 128}, {"simclr_final.png": "simclr_xray_2d.png"}),
+    # the cyclic mix with the jigsaw task of docs/adding-a-task.md (key: a run name; "bundle" names the bundle)
+    "mae_dino_jigsaw_ct_3d": ("ct_dicom", {"bundle": "mae_dino_ct_3d", "max_epochs": 30, "picture_every": 30, "out_dim": 256,
+                                           "task_names": "['mae','dino','jigsaw']"}, {"jigsaw_final.png": "jigsaw_pictures.png"}),
 }
 
 
@@ -48,8 +51,8 @@ def main() -> None:
         if args.only and bundle not in args.only.split(","):
             continue
         out = work / bundle
-        sets = [f for k, v in settings.items() if k != "max_epochs" for f in ("--set", f"{k}={v}")]
-        assert medssl(["-q", "pretrain", "--bundle", bundle, "--data", str(data / folder), "--out", str(out), "--overwrite",
+        sets = [f for k, v in settings.items() if k not in ("max_epochs", "bundle") for f in ("--set", f"{k}={v}")]
+        assert medssl(["-q", "pretrain", "--bundle", settings.get("bundle", bundle), "--data", str(data / folder), "--out", str(out), "--overwrite",
                        "--max-epochs", str(settings["max_epochs"]), *sets]) == 0
         for src, dst in keep.items():
             shutil.copyfile(out / "pictures" / src, IMAGES / dst)

@@ -13,11 +13,23 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["USER_ERRORS", "root_exception", "is_user_error", "describe", "install_excepthook", "VERBOSE_ENV"]
+__all__ = ["UserError", "USER_ERRORS", "root_exception", "is_user_error", "describe", "install_excepthook", "VERBOSE_ENV"]
+
+
+
+class UserError(Exception):
+    """Base of the errors a user can fix that are not a ``ValueError`` or ``OSError`` by nature: a
+    batch without the keys its task reads (also a ``KeyError``), a loader whose schedule is not the
+    trainer's (also a ``RuntimeError``), data of which nothing loads. Its text is the message
+    itself (a ``KeyError`` would print it quoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 # ValueError: a bad setting or file content; OSError: missing/unreadable files and folders;
-# FloatingPointError: training diverged (non-finite steps); KeyError/IndexError only when medssl raised them with a message.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+# FloatingPointError: training diverged (non-finite steps); UserError: the rest medssl raises for users to fix.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, UserError)
 VERBOSE_ENV = "MEDSSL_VERBOSE"  # set to 1 for full tracebacks under `python -m monai.bundle`
 
 

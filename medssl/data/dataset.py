@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 
+from ..errors import UserError
 from .fields import collate_fields
 from .io import describe, root_cause
 
@@ -177,6 +178,10 @@ class SafeCacheDataset(CacheDataset):
         return super()._transform(index)
 
 
+class NothingLoads(UserError, RuntimeError):
+    """Many items in a row fail to load: the pipeline or the data folder is wrong, not one file."""
+
+
 class SkipUnreadable(torch.utils.data.Dataset):
     """Replace an item that fails to load by the next readable one (and remember the failure).
 
@@ -204,7 +209,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
                 cause = root_cause(exc)
                 self.bad[i] = str(cause)
                 logger.warning("skipping %s: %s", describe(self.dataset.data[i].get("image")), cause)
-        raise RuntimeError(f"{self.max_tries} items in a row starting at {index} could not be loaded; last: {list(self.bad.values())[-1:]}")
+        raise NothingLoads(f"{self.max_tries} items in a row starting at {index} could not be loaded; last: {list(self.bad.values())[-1:]}")
 
 
 def build_dataset(entries: Sequence[dict], transform, cache: str | None = None, cache_dir: str | os.PathLike | None = None,

@@ -40,7 +40,6 @@ _FUNDUS_WORDS = {"fundus", "retina", "retinal", "chasedb1", "drive", "aptos", "e
 _XRAY_WORDS = {"xray", "cxr", "radiograph", "radiographs", "chest", "cr", "dx", "nih", "chexpert", "mimic"}
 _CT_WORDS = {"ct", "cta", "hu"}
 _MASK_WORDS = {"label", "labels", "seg", "segmentation", "mask", "masks", "annotation", "1stho", "2ndho", "gt", "manual"}
-_MR_WORDS = {"mr", "mri", "t1", "t2", "flair", "t1w", "t2w", "dwi", "brain"}
 
 
 @dataclass

@@ -11,10 +11,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..tasks.base import Task, check_batch
 from .determinism import derive_seed
 
-__all__ = ["TaskSchedule", "MultiTask"]
+__all__ = ["TaskSchedule", "MultiTask", "ScheduleMismatch"]
+
+
+class ScheduleMismatch(UserError, RuntimeError):
+    """A batch was made with the views of another task than the one the trainer runs."""
 
 
 class TaskSchedule:
@@ -73,7 +78,7 @@ class MultiTask(nn.Module):
         name = self.names[index]
         made_for = batch.get("view_task")
         if made_for is not None and bool((made_for != index).any()):
-            raise RuntimeError(f"iteration {iteration} runs task {name!r} but its batch holds views made for task "
+            raise ScheduleMismatch(f"iteration {iteration} runs task {name!r} but its batch holds views made for task "
                                f"{self.names[int(made_for.flatten()[0])]!r}: the loader's schedule or epoch length differs "
                                "from the trainer's (build the loader with views=..., schedule=multitask.schedule)")
         check_batch(self.tasks[name], batch)

@@ -86,7 +86,7 @@ def prepare_task_batch(batchdata: dict, device: torch.device | str | None = None
     """The trainer's default ``prepare_batch``: the whole batch dict, its tensors on ``device``
     (tasks read views, labels and metadata by key; MONAI's default keeps image and label only)."""
     if not isinstance(batchdata, dict):
-        raise TypeError(f"a task trains on dict batches (image, views, label ...), got {type(batchdata).__name__}")
+        raise ValueError(f"a task trains on dict batches (image, views, label ...), got {type(batchdata).__name__}")
     return {k: v.to(device, non_blocking=non_blocking, **kwargs) if isinstance(v, torch.Tensor) else v for k, v in batchdata.items()}
 
 

@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,6 @@ class EvalPlan:
     patience: int = 5
     batch_size: int = 64
     lr: float = 1e-3
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = (set(self.methods) - {*FROZEN, "finetune"}) | (set(self.baselines) - set(BASELINES))

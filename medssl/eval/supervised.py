@@ -20,7 +20,6 @@ import math
 
 import torch
 from ignite.engine import Events
-from torch import nn
 
 from ..tasks.classify import ClassificationTask
 from .metrics import classification_metrics

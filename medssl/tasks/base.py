@@ -17,9 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..models.base import Encoder, batch_context, embed, encode
 
-__all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch"]
+__all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch", "MissingBatchKeys"]
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -74,11 +75,15 @@ class Task(nn.Module):
         return {}
 
 
+class MissingBatchKeys(UserError, KeyError):
+    """A batch lacks keys its task reads (typically: the task's view pipeline was not given)."""
+
+
 def check_batch(task: Task, batch: dict) -> None:
-    """Raise a ``KeyError`` naming what is missing when ``batch`` lacks ``task.required_keys``."""
+    """Raise :class:`MissingBatchKeys` (a ``KeyError``) naming what is missing when ``batch`` lacks ``task.required_keys``."""
     missing = [k for k in task.required_keys if k not in batch]
     if missing:
-        raise KeyError(f"task {task.name!r} needs batch keys {list(task.required_keys)}, missing {missing} "
+        raise MissingBatchKeys(f"task {task.name!r} needs batch keys {list(task.required_keys)}, missing {missing} "
                        f"(batch has {sorted(batch)}); give the task its view pipeline (medssl.data.views)")
 
 

@@ -35,7 +35,7 @@ def attention_maps(backbone: GridEncoder, x: torch.Tensor, per_head: bool = Fals
     :class:`~medssl.models.blocks.Block` (the ViT); ``context`` is the batch's conditioning.
     """
     if not has_attention(backbone):
-        raise TypeError(f"attention maps need a ViT-like encoder with transformer blocks, not a {type(backbone).__name__}")
+        raise ValueError(f"attention maps need a ViT-like encoder with transformer blocks, not a {type(backbone).__name__}")
     last = backbone.blocks[-1]
     seen: dict = {}
     hook = last.register_forward_pre_hook(lambda module, args: seen.update(tokens=args[0], mask=args[1] if len(args) > 1 else None))

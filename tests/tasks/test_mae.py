@@ -80,4 +80,4 @@ def test_registry_builds_mae_by_name():
     backbone = ViT(2, patch_size=4, size="micro")
     assert isinstance(build_task("mae", backbone, mask_ratio=0.5), MAETask)
     with pytest.raises(ValueError, match="unknown task"):
-        build_task("jigsaw", backbone)
+        build_task("rotation", backbone)
