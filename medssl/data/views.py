@@ -45,7 +45,8 @@ from monai.transforms import (
 from monai.data import get_track_meta, set_track_meta
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["RandWindowJitter", "view_augmentation", "MultiViewd", "ModalityViewsd", "multi_crop", "two_views"]
+__all__ = ["RandWindowJitter", "view_augmentation", "MultiViewd", "ModalityViewsd", "multi_crop", "two_views",
+           "RandQueryBoxesd", "query_boxes", "crop_box"]
 
 
 class RandWindowJitter(Randomizable, Transform):
@@ -198,3 +199,102 @@ def two_views(spatial_dims: int, size: int, scale: tuple[float, float] = (0.4, 1
               **augment) -> MultiViewd | ModalityViewsd:
     """SimCLR / Barlow Twins: two independently augmented crops at ``size`` (``modality`` as in :func:`multi_crop`)."""
     return _per_modality(lambda jitter: MultiViewd(view_augmentation(spatial_dims, size, scale, **{**jitter, **augment}), 2), modality)
+
+
+
+def crop_box(img: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
+    """The region of ``img`` ``(C, *S)`` inside ``box`` (MONAI's StandardMode corners, voxel units, end exclusive)."""
+    d = img.ndim - 1
+    lo = [int(round(float(v))) for v in box[:d]]
+    hi = [int(round(float(v))) for v in box[d:]]
+    return img[(slice(None), *[slice(a, b) for a, b in zip(lo, hi)])]
+
+
+class RandQueryBoxesd(Randomizable):
+    """Item -> item plus ``query_views`` ``(K, C, *query_size)`` and ``query_boxes`` ``(K, 2 * dims)``.
+
+    UP-DETR's pretext input: ``n_boxes`` random boxes per image, sampled first (edges between
+    ``min_size`` and ``max_fraction`` of the image edge, centred on a foreground voxel, kept if at
+    least ``min_foreground`` of the box is foreground, so boxes are not air or black border), then
+    cropped deterministically at those boxes, resized to ``query_size`` and augmented
+    (``augment``: intensity and noise, no flips; UP-DETR leaves flips out, they make the pretext
+    too hard). Boxes are in MONAI's StandardMode (``x1, y1, [z1,] x2, y2, [z2]``), voxel units of
+    the item's image, ends exclusive: ``crop_box(image, box)`` is the region a query shows.
+    """
+
+    def __init__(self, n_boxes: int = 10, min_size: int | Sequence[int] = 8, max_fraction: float = 0.5,
+                 query_size: int | Sequence[int] = 16, fg_threshold: float = 0.05, min_foreground: float = 0.5,
+                 augment: Compose | None = None, key: str = "image", views_key: str = "query_views",
+                 boxes_key: str = "query_boxes", tries: int = 10) -> None:
+        if n_boxes < 1 or not 0 < max_fraction <= 1:
+            raise ValueError(f"need n_boxes >= 1 and 0 < max_fraction <= 1, got {n_boxes}, {max_fraction}")
+        self.n_boxes, self.min_size, self.max_fraction, self.query_size = n_boxes, min_size, max_fraction, query_size
+        self.fg_threshold, self.min_foreground, self.augment, self.tries = fg_threshold, min_foreground, augment, tries
+        self.key, self.views_key, self.boxes_key = key, views_key, boxes_key
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandQueryBoxesd:
+        super().set_random_state(seed, state)
+        if self.augment is not None:
+            self.augment.set_random_state(seed=int(self.R.randint(0, 2**31 - 1)))
+        return self
+
+    def randomize(self, data=None) -> None:
+        pass
+
+    def sample_boxes(self, img: torch.Tensor) -> np.ndarray:
+        """``(K, 2 * dims)`` integer-valued boxes inside ``img`` ``(C, *S)``, on its foreground where there is some."""
+        spatial = np.array(img.shape[1:])
+        d = len(spatial)
+        low = np.minimum(np.array(ensure_tuple_rep(self.min_size, d)), spatial)
+        high = np.maximum(low, np.floor(spatial * self.max_fraction).astype(int))
+        fg = (img.detach().float().amax(0) > self.fg_threshold).cpu().numpy()
+        centres = np.argwhere(fg)
+        boxes = []
+        for _ in range(self.n_boxes):
+            best, best_share = None, -1.0
+            for _ in range(self.tries):
+                size = np.array([self.R.randint(lo, hi + 1) for lo, hi in zip(low, high)])
+                centre = centres[self.R.randint(len(centres))] if len(centres) else np.array([self.R.randint(s) for s in spatial])
+                start = np.clip(centre - size // 2, 0, spatial - size)
+                share = float(fg[tuple(slice(a, a + n) for a, n in zip(start, size))].mean()) if len(centres) else 1.0
+                if share > best_share:
+                    best, best_share = np.concatenate([start, start + size]), share
+                if share >= self.min_foreground:
+                    break
+            boxes.append(best)
+        return np.stack(boxes).astype(np.float32)
+
+    def __call__(self, data: dict) -> dict:
+        img = torch.as_tensor(data[self.key])
+        boxes = self.sample_boxes(img)
+        d = img.ndim - 1
+        resize = Resize(spatial_size=ensure_tuple_rep(self.query_size, d), mode="bilinear" if d == 2 else "trilinear")
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            crops = []
+            for box in boxes:
+                crop = resize(crop_box(img, box))
+                crops.append(self.augment(crop) if self.augment is not None else crop)
+        finally:
+            set_track_meta(tracking)
+        out = dict(data)
+        out[self.views_key] = torch.stack([torch.as_tensor(c, dtype=torch.float32) for c in crops])
+        out[self.boxes_key] = torch.from_numpy(boxes)
+        return out
+
+
+def query_boxes(spatial_dims: int, query_size: int, n_boxes: int = 10, min_size: int | Sequence[int] = 8,
+                max_fraction: float = 0.5, modality: str = "auto", intensity: float = 0.1, noise_std: float = 0.02,
+                fg_threshold: float = 0.05) -> RandQueryBoxesd | ModalityViewsd:
+    """The query-box task's views: :class:`RandQueryBoxesd` with intensity-only augmentation of the crops
+    (HU-window jitter for CT items with ``modality="auto"``)."""
+    def build(jitter):
+        chain: list = [RandWindowJitter()] if jitter["window_jitter"] else []
+        if intensity:
+            chain += [RandScaleIntensity(factors=intensity, prob=0.5), RandShiftIntensity(offsets=intensity, prob=0.5)]
+        if noise_std:
+            chain.append(RandGaussianNoise(std=noise_std, prob=0.3))
+        chain.append(EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
+        return RandQueryBoxesd(n_boxes, min_size, max_fraction, query_size, fg_threshold, augment=Compose(chain))
+    return _per_modality(build, modality)

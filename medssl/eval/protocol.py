@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
+from ..models.base import embed
 from .fractions import stratified_subset
 from .journal import Journal
 from .knn import knn_scores
@@ -67,7 +68,7 @@ class EvalPlan:
 @torch.no_grad()
 def _features(encoder, images: torch.Tensor, pooling: str, batch_size: int = 256) -> np.ndarray:
     encoder.eval()
-    return torch.cat([encoder.embed(images[i:i + batch_size], pooling).float() for i in range(0, len(images), batch_size)]).numpy()
+    return torch.cat([embed(encoder, images[i:i + batch_size], pooling).float() for i in range(0, len(images), batch_size)]).numpy()
 
 
 def _stop_split(idx: np.ndarray, labels: np.ndarray, seed: int, splits: dict) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:

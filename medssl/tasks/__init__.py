@@ -7,10 +7,11 @@ from .dino import DINOTask
 from .heads import DINOHead, ProjectionMLP
 from .jigsaw import JigsawTask
 from .mae import MAETask
+from .query_box import QueryBoxTask
 from .masking import TokenMask, patch_foreground, sample_mask
 from .patchify import patchify, unpatchify
 from .simclr import SimCLRTask, nt_xent
 
 __all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch", "MAETask", "DINOTask", "SimCLRTask",
-           "BarlowTwinsTask", "ClassificationTask", "JigsawTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
+           "BarlowTwinsTask", "ClassificationTask", "JigsawTask", "QueryBoxTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
            "patchify", "unpatchify"]

@@ -229,3 +229,24 @@ def test_the_step_fires_monai_iteration_events_and_uses_prepare_batch(spatial_di
     assert len(fired) == 16 and fired[1][1] == ["image", "label", "loss", "pred"]
     assert not torch.equal(before, vit.patch_embed.weight)
     assert ran == [0, 1, 0, 1]  # classify and MAE in turn
+
+
+def test_each_task_draws_on_the_batch_it_trained_on(tmp_path):
+    """A cyclic MAE + DINO run: DINO's pictures come from a batch with DINO's views, MAE's from one without."""
+    from medssl.engine import TaskPictures
+
+    torch.manual_seed(0)
+    vit = ViT(2, 1, patch_size=4, size="micro")
+    net = MultiTask([MAETask(vit), DINOTask(vit, out_dim=32, hidden_dim=16, bottleneck_dim=8)])
+    seen = {}
+    for name, task in net.tasks.items():
+        original = task.visualize
+        task.visualize = lambda batch, name=name, original=original: seen.setdefault(name, sorted(batch)) and original(batch)
+    loader = pretrain_loader(_dataset(8), batch_size=4, seed=0, views=[None, multi_crop(2, 16, 8, n_local=2)], schedule=net.schedule)
+    pictures = TaskPictures(tmp_path, every=1, n=2)
+    trainer = PretrainTrainer("cpu", 1, loader, net, torch.optim.AdamW(net.parameters(), lr=1e-3), amp=False,
+                              train_handlers=[pictures])
+    trainer.run()
+    assert "views" in seen["dino"] and "views" not in seen["mae"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["dino_epoch001.png", "dino_final.png", "mae_epoch001.png", "mae_final.png"]
+    assert pictures.batches["dino"]["views"].shape[0] == 2  # the first n samples are kept

@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medssl.data.views import multi_crop, two_views
+from medssl.data.views import multi_crop, query_boxes, two_views
 from medssl.engine import MultiTask
 from torch import nn
 
 from medssl.models import ViT
 from medssl.models.base import Encoder, GridEncoder
-from medssl.tasks import BarlowTwinsTask, DINOTask, JigsawTask, MAETask, SimCLRTask
+from medssl.tasks import BarlowTwinsTask, DINOTask, JigsawTask, MAETask, QueryBoxTask, SimCLRTask
 
 SIZE, LOCAL = 16, 8
 
@@ -166,3 +166,16 @@ class TestBarlowTwins(TaskContract):
 class TestJigsaw(TaskContract):
     def make_task(self, backbone):
         return JigsawTask(backbone, grid=2, n_permutations=10, tile_dim=16, hidden_dim=32)
+
+
+class TestQueryBox(TaskContract):
+    def make_task(self, backbone):
+        return QueryBoxTask(backbone, queries_per_box=2, max_boxes=4, decoder_dim=32, decoder_heads=2)
+
+    def make_views(self, spatial_dims):
+        return query_boxes(spatial_dims, query_size=8, n_boxes=3, min_size=4)
+
+
+class TestQueryBoxEMA(TestQueryBox):
+    def make_task(self, backbone):
+        return QueryBoxTask(backbone, queries_per_box=2, max_boxes=4, decoder_dim=32, decoder_heads=2, crop_encoder="ema")
