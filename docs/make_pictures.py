@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 IMAGES = Path(__file__).resolve().parent / "images"
+ROOT = Path(__file__).resolve().parent.parent
 # bundle -> (phantom folder, settings for a short run, pictures to keep as docs/images/<name>)
 RUNS = {
     "mae_ct_3d": ("ct_dicom", {"max_epochs": 120, "picture_every": 120}, {"mae_final.png": "mae_ct_3d.png"}),
@@ -27,6 +28,8 @@ RUNS = {
     # the cyclic mix with the jigsaw task of docs/adding-a-task.md (key: a run name; "bundle" names the bundle)
     "mae_dino_jigsaw_ct_3d": ("ct_dicom", {"bundle": "mae_dino_ct_3d", "max_epochs": 30, "picture_every": 30, "out_dim": 256,
                                            "task_names": "['mae','dino','jigsaw']"}, {"jigsaw_final.png": "jigsaw_pictures.png"}),
+    "box_xray_2d": ("xray", {"max_epochs": 60, "picture_every": 60, "image_size": 128},
+                    {"box_final.png": ["box_xray_2d.png", ROOT / "bundles/box_xray_2d/docs/pictures.png"]}),
 }
 
 
@@ -54,8 +57,9 @@ def main() -> None:
         sets = [f for k, v in settings.items() if k not in ("max_epochs", "bundle") for f in ("--set", f"{k}={v}")]
         assert medssl(["-q", "pretrain", "--bundle", settings.get("bundle", bundle), "--data", str(data / folder), "--out", str(out), "--overwrite",
                        "--max-epochs", str(settings["max_epochs"]), *sets]) == 0
-        for src, dst in keep.items():
-            shutil.copyfile(out / "pictures" / src, IMAGES / dst)
+        for src, destinations in keep.items():  # a name in docs/images, or a path (a bundle's docs/pictures.png)
+            for dst in destinations if isinstance(destinations, list) else [destinations]:
+                shutil.copyfile(out / "pictures" / src, IMAGES / dst)
         if bundle == "dino_xray_2d":
             assert medssl(["-q", "attention", "--checkpoint", str(out / "models" / "model.pt"), "--data", str(data / folder),
                            "--out", str(work / "attention"), "--max-images", "4"]) == 0

@@ -12,7 +12,7 @@ import torch
 from medssl.bundle_settings import config_settings
 from medssl.bundles import bundle_root, check_metadata, list_bundles, run_bundle
 
-BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d"]
+BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d", "box_xray_2d"]
 _3D = dict(vit_size="micro", image_size=16, patch_size=4, window_size=2, batch_size=2, cache="none")
 _2D = dict(vit_size="micro", image_size=32, patch_size=8, window_size=2, batch_size=2, cache="none")
 _HEADS = dict(out_dim=64)
@@ -22,10 +22,12 @@ TINY = {  # a few seconds per bundle on a laptop CPU
     "dino_xray_2d": dict(_2D, **_HEADS, n_local_crops=2),
     "simclr_xray_2d": dict(_2D, method_settings={"simclr": {"hidden_dim": 32, "out_dim": 16}}),
     "mae_dino_ct_3d": dict(_3D, **_HEADS, n_local_crops=2),
+    "box_xray_2d": dict(_2D, n_query_boxes=4),
 }
-DATA = {"mae_ct_3d": "ct_dicom", "mae_xray_2d": "xray", "dino_xray_2d": "xray", "simclr_xray_2d": "xray", "mae_dino_ct_3d": "ct_dicom"}
+DATA = {"mae_ct_3d": "ct_dicom", "mae_xray_2d": "xray", "dino_xray_2d": "xray", "simclr_xray_2d": "xray", "mae_dino_ct_3d": "ct_dicom",
+        "box_xray_2d": "xray"}
 PICTURES = {"mae_ct_3d": ["mae"], "mae_xray_2d": ["mae"], "dino_xray_2d": ["dino"], "simclr_xray_2d": ["simclr"],
-            "mae_dino_ct_3d": ["mae", "dino"]}
+            "mae_dino_ct_3d": ["mae", "dino"], "box_xray_2d": ["box"]}
 
 
 # The required keys and types of the model zoo's metadata schema (meta_schema_20240725.json), vendored so the check
@@ -221,23 +223,27 @@ def test_bundle_docs_state_the_window_the_code_uses():
             assert (float(found[0]), float(found[1])) == (level, width), (name, found)
 
 
-def test_a_cyclic_mae_dino_jigsaw_run_through_monai_bundle_run_draws_each_task(phantoms, tmp_path):
-    """The user's path: `python -m monai.bundle run` with jigsaw added through task_names; each task writes its
-    own pictures, drawn from a batch that task trained on."""
+def test_a_cyclic_mae_dino_jigsaw_box_run_through_monai_bundle_run_draws_each_task(phantoms, tmp_path):
+    """The user's path: `python -m monai.bundle run` with jigsaw and query-box added through task_names; each task
+    writes its own pictures, drawn from a batch that task trained on."""
     import subprocess
     import sys
 
     configs = bundle_root("mae_dino_ct_3d") / "configs"
     tiny = {k: v for k, v in TINY["mae_dino_ct_3d"].items()}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "train.yaml"),
-           "--dataset_dir", str(phantoms / "ct_dicom"), "--output_dir", str(tmp_path / "run"), "--max_epochs", "2",
-           "--task_names", "['mae','dino','jigsaw']", "--jigsaw_permutations", "10"]
-    tiny["batch_size"] = 1  # two volumes: 2 steps per epoch, 4 in all (mae, dino, jigsaw, mae)
+           "--dataset_dir", str(phantoms / "ct_dicom"), "--output_dir", str(tmp_path / "run"), "--max_epochs", "4",
+           "--task_names", "['mae','dino','jigsaw','box']", "--jigsaw_permutations", "10", "--n_query_boxes", "4",
+           "--val_fraction", "0.5"]
+    tiny["batch_size"] = 1  # two volumes, one held out: 1 step per epoch, 4 in all (mae, dino, jigsaw, box)
     for k, v in tiny.items():
         cmd += [f"--{k}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**__import__("os").environ, "MEDSSL_SALT": "t"})
     assert out.returncode == 0, out.stderr[-3000:]
     pictures = tmp_path / "run" / "pictures"
-    for task in ("mae", "dino", "jigsaw"):
+    for task in ("mae", "dino", "jigsaw", "box"):
         assert (pictures / f"{task}_final.png").stat().st_size > 1000, sorted(p.name for p in pictures.iterdir())
-    assert "jigsaw/loss" in out.stdout + out.stderr
+    logged = out.stdout + out.stderr
+    assert all(f"{t}/loss" in logged for t in ("mae", "dino", "jigsaw", "box")) and "mean_iou" in logged
+    import re  # the box task scored every epoch on the held-out volume it never trained on
+    assert len(re.findall(r"validation on 1 held-out images: box/val_mean_iou [0-9.e-]+  box/val_iou_above_half", logged)) == 4

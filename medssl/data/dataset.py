@@ -22,7 +22,7 @@ from ..errors import UserError
 from .fields import collate_fields
 from .io import describe, root_cause
 
-__all__ = ["load_datalist", "load_source", "build_dataset", "build_loader", "SkipUnreadable", "SafeCacheDataset"]
+__all__ = ["load_datalist", "load_source", "hold_out", "build_dataset", "build_loader", "SkipUnreadable", "SafeCacheDataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,22 @@ def _load_table(path: str) -> list[dict]:
 
     return [{"image": str(_resolve(r["image"], base)), "modality": r.get("modality") or "OT", **label(r, i + 2),
              **({"split": r["split"]} if r.get("split") else {})} for i, r in enumerate(rows)]
+
+
+def hold_out(entries: Sequence[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """``(train, held out)``: about ``fraction`` of the patients (all of their images) held out, chosen
+    from ``seed``; at least one patient stays in training. ``fraction=0`` holds nothing out."""
+    entries = list(entries)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must lie in [0, 1), got {fraction}")
+    patients = sorted({str(e.get("patient", i)) for i, e in enumerate(entries)})
+    n = min(len(patients) - 1, round(fraction * len(patients)))
+    if n <= 0:
+        return entries, []
+    order = torch.randperm(len(patients), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {patients[i] for i in order[:n]}
+    keys = [str(e.get("patient", i)) for i, e in enumerate(entries)]
+    return [e for e, k in zip(entries, keys) if k not in held], [e for e, k in zip(entries, keys) if k in held]
 
 
 def load_source(source, spatial_dims: int | None = None, split: str = "train", salt: str | None = None,

@@ -7,7 +7,8 @@ from .handlers import MainProcessOnly, ProgressBar, TaskPictures, scalars
 from .lr_schedule import WarmupCosine, warmup_cosine
 from .multitask import MultiTask, TaskSchedule
 from .trainer import PretrainTrainer, autocast_dtype
+from .validation import TaskValidation
 
 __all__ = ["PretrainTrainer", "autocast_dtype", "MultiTask", "TaskSchedule", "EpochSampler", "SeededDataset", "derive_seed",
            "pretrain_loader", "AtomicCheckpointSaver", "ResumeFromLatest", "atomic_save", "latest_checkpoint", "unwrap",
-           "ProgressBar", "TaskPictures", "MainProcessOnly", "is_main_process", "scalars", "WarmupCosine", "warmup_cosine"]
+           "ProgressBar", "TaskPictures", "MainProcessOnly", "is_main_process", "scalars", "WarmupCosine", "warmup_cosine", "TaskValidation"]

@@ -101,6 +101,8 @@ class PretrainTrainer(SupervisedTrainer):
         seed: seeds every step from ``(seed, iteration, rank)`` so a resumed run replays exactly.
         max_bad_steps: consecutive non-finite losses or gradients tolerated (steps skipped) before training stops.
         prepare_batch: ``(batch, device, non_blocking, **kwargs) -> dict`` (default :func:`prepare_task_batch`).
+        quiet: log the start and skipped steps at debug level (the evaluation's many short runs
+            report one summary line instead; ``skipped_steps`` counts them).
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader, network, optimizer,
@@ -126,6 +128,8 @@ class PretrainTrainer(SupervisedTrainer):
             for name in ("medssl", self.logger.name):
                 logging.getLogger(name).setLevel(logging.WARNING)
         self._bad_steps = 0
+        self.skipped_steps = 0  # all steps skipped in this run (non-finite loss or gradient)
+        self.quiet = quiet
         self._positioned = False
         self.add_event_handler(Events.STARTED, self._reset_position)
         self.add_event_handler(Events.EPOCH_STARTED, self._position_sampler)
@@ -152,8 +156,9 @@ class PretrainTrainer(SupervisedTrainer):
     def _bad_step(self, iteration: int, what: str) -> dict[str, float]:
         """Skip this step (no update); stop after ``max_bad_steps`` in a row."""
         self._bad_steps += 1
+        self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        logger.warning("iteration %d: %s, step skipped", iteration, what)
+        (logger.debug if self.quiet else logger.warning)("iteration %d: %s, step skipped", iteration, what)
         if self._bad_steps > self.max_bad_steps:
             raise FloatingPointError(f"{self._bad_steps} consecutive non-finite steps (last at iteration {iteration}: {what}); "
                                      "lower the learning rate or check the data")

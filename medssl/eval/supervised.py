@@ -16,6 +16,7 @@ comparison is fair:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import torch
@@ -25,6 +26,8 @@ from ..tasks.classify import ClassificationTask
 from .metrics import classification_metrics
 
 __all__ = ["layer_decay_groups", "train_classifier", "ReplayShuffle"]
+
+logger = logging.getLogger(__name__)
 
 
 def layer_decay_groups(task: ClassificationTask, lr: float, weight_decay: float = 0.05, decay: float = 0.75) -> list[dict]:
@@ -118,4 +121,8 @@ def train_classifier(task: ClassificationTask, train_x: torch.Tensor, train_y: t
     trainer.add_event_handler(Events.EPOCH_COMPLETED, stopping)
     trainer.run()
     task.load_state_dict(stopping.best)
-    return {"best_epoch": stopping.best_epoch, "epochs_run": len(stopping.history), "history": stopping.history}
+    if trainer.skipped_steps:
+        logger.warning("%d of %d steps skipped (non-finite loss or gradient, e.g. a bf16 overflow)", trainer.skipped_steps,
+                       trainer.state.iteration)
+    return {"best_epoch": stopping.best_epoch, "epochs_run": len(stopping.history), "history": stopping.history,
+            "skipped_steps": trainer.skipped_steps}

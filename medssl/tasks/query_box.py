@@ -169,6 +169,12 @@ class QueryBoxTask(Task):
         return {"iou": iou, "pred_boxes": centre_size_to_corners(chosen.float()) * size, "true_boxes": batch[self.boxes_key].float()}
 
     @torch.no_grad()
+    def validate(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Held-out scores: mean IoU of the matched predictions and the share with IoU > 0.5."""
+        iou = self.localise(batch)["iou"]
+        return {"mean_iou": iou.mean(), "iou_above_half": (iou > 0.5).float().mean()}
+
+    @torch.no_grad()
     def step_end(self, progress: float) -> None:
         if self.teacher is not None:
             m = ema_momentum(progress, self.momentum)

@@ -50,19 +50,19 @@ def draw_boxes(images: torch.Tensor, boxes: dict[tuple[float, float, float], tor
 
 
 def _centred_on(volume: torch.Tensor, centre: list[float]) -> torch.Tensor:
-    """``(C, *S)`` shifted (zero-padded, not wrapped) so that ``centre`` is the middle voxel."""
+    """``(C, *S)`` shifted (black-padded, not wrapped) so that ``centre`` is the middle voxel."""
     spatial = volume.shape[1:]
     shift = [int(round(s / 2 - c)) for s, c in zip(spatial, centre)]
     pad = [v for sh in reversed(shift) for v in (max(sh, 0), max(-sh, 0))]
-    padded = F.pad(volume, pad, value=float("nan"))
+    padded = F.pad(volume, pad, value=0.0)  # not NaN: the panels' colour for NaN is close to the predictions' blue
     start = [max(-sh, 0) for sh in shift]
     return padded[(slice(None), *[slice(a, a + s) for a, s in zip(start, spatial)])]
 
 
 def _mosaic(crops: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-    """Crops ``(K, C, *q)`` laid side by side in the first two axes of an image-sized canvas (NaN elsewhere)."""
+    """Crops ``(K, C, *q)`` laid side by side in the first two axes of an image-sized canvas (black elsewhere)."""
     k, ch, q = crops.shape[0], crops.shape[1], crops.shape[2:]
-    canvas = torch.full((ch, *spatial), float("nan"))
+    canvas = torch.zeros((ch, *spatial))
     per_row = max(1, spatial[0] // q[0])
     rows = max(1, spatial[1] // q[1])
     offset = [(s - e) // 2 for s, e in zip(spatial[2:], q[2:])]  # 3D: the crops sit at the middle of the third axis

@@ -186,3 +186,17 @@ def test_images_left_out_are_reported(phantoms, tmp_path, caplog):
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "2 of 6 images left out because they are not 3D" in said  # the radiograph PNGs
     assert "1 file(s) left out: 1 x empty file" in said
+
+
+def test_hold_out_keeps_patients_whole_and_training_non_empty():
+    from medssl.data.dataset import hold_out
+
+    entries = [{"image": f"{p}_{i}.png", "patient": f"p{p}"} for p in range(10) for i in range(3)]
+    train, held = hold_out(entries, 0.2, seed=1)
+    assert len(held) == 6 and len(train) == 24
+    assert not {e["patient"] for e in train} & {e["patient"] for e in held}  # a patient's images stay together
+    assert hold_out(entries, 0.2, seed=1) == (train, held) and hold_out(entries, 0.2, seed=2)[1] != held
+    assert hold_out(entries, 0.0) == (entries, [])
+    assert len(hold_out(entries[:3], 0.9)[0]) == 3  # one patient: nothing can be held out
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        hold_out(entries, 1.0)
