@@ -35,15 +35,15 @@ from report import publish
 warnings.filterwarnings("ignore")
 
 CONFIGS = {"2D 28 p4": (2, 28, 4, 64), "3D 28 p4": (3, 28, 4, 16)}
-TASKS = ("mae", "dino", "simclr", "barlow", "mae+dino")
+TASKS = ("mae", "dino", "simclr", "barlow", "mae+dino", "box", "mae+box", "mae+dino+box")
 
 
 def build(task: str, dims: int, size: int, patch: int):
     """(MultiTask, per-task view pipelines) as the bundles configure them."""
-    from medssl.data.views import multi_crop, two_views
+    from medssl.data.views import multi_crop, query_boxes, two_views
     from medssl.engine import MultiTask
     from medssl.models import ViT
-    from medssl.tasks import BarlowTwinsTask, DINOTask, MAETask, SimCLRTask
+    from medssl.tasks import BarlowTwinsTask, DINOTask, MAETask, QueryBoxTask, SimCLRTask
 
     torch.manual_seed(0)
     vit = ViT(dims, 1, patch_size=patch, size="tiny")
@@ -53,6 +53,8 @@ def build(task: str, dims: int, size: int, patch: int):
         "dino": lambda: (DINOTask(vit, out_dim=4096), multi_crop(dims, size, local, n_local=4, modality="CT")),
         "simclr": lambda: (SimCLRTask(vit), two_views(dims, size, modality="CT")),
         "barlow": lambda: (BarlowTwinsTask(vit), two_views(dims, size, modality="CT")),
+        "box": lambda: (QueryBoxTask(vit, queries_per_box=3, max_boxes=10),  # the bundles' defaults
+                        query_boxes(dims, local, n_boxes=10, min_size=2 * patch, modality="CT")),
     }
     parts = [make[name]() for name in task.split("+")]
     return MultiTask([t for t, _ in parts]), [v for _, v in parts]

@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fractions", default="0.01,0.1,1", help="label fractions (default 0.01,0.1,1)")
         p.add_argument("--seeds", type=int, default=3)
         p.add_argument("--methods", default="probe,knn,finetune")
-        p.add_argument("--baselines", default="scratch,resnet18,pixels", help="comma list; empty string for none")
+        p.add_argument("--baselines", default="scratch,resnet18,pixels,random", help="comma list (random: probe and kNN on a randomly initialised encoder); empty string for none")
         p.add_argument("--poolings", default="cls,mean,flatten")
         p.add_argument("--epochs", type=int, default=30, help="fine-tuning / from-scratch epochs (early stopping)")
         p.add_argument("--finetune-pooling", choices=("cls", "mean", "flatten"), default="cls",

@@ -7,7 +7,9 @@ given to every method, so each row of the final table compares like with like:
   computed once per pooling);
 - ``finetune``: the pretrained encoder and a linear head trained end to end (layer-wise LR decay);
 - baselines: ``scratch`` (the same ViT, random init, same loop), ``resnet18`` (MONAI, 2D or 3D),
-  ``pixels`` (the linear probe on raw pixels).
+  ``pixels`` (the linear probe on raw pixels), ``random`` (probe and kNN, rows ``random-probe`` /
+  ``random-knn``, on the frozen features of the same encoder randomly initialised: what every
+  pretrained encoder must beat).
 
 Results are reported on the ``test`` split when the data has one, else on ``val``. Nothing is
 tuned on the reported split: the probe's C comes from cross-validation on the training subset, and
@@ -40,7 +42,7 @@ __all__ = ["EvalPlan", "run_evaluation", "aggregate", "markdown_table", "write_r
 
 FROZEN = ("probe", "knn")
 TRAINED = ("finetune", "scratch", "resnet18")
-BASELINES = ("scratch", "resnet18", "pixels")
+BASELINES = ("scratch", "resnet18", "pixels", "random")
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
     num_classes = int(max(ytr.max(), yrep.max())) + 1
     spatial_dims = xtr.ndim - 2
     frozen = [m for m in plan.methods if m in FROZEN]
-    feats = {}
+    feats, random_feats = {}, {}
     frozen_done = all((m, p, float(f), s) in journal.done for m in frozen for p in plan.poolings
                       for f in plan.fractions for s in range(plan.seeds))
     if frozen and not frozen_done:
@@ -109,8 +111,17 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
             if not all(np.isfinite(f).all() for f in feats[p]):
                 raise ValueError("the encoder gives non-finite features: its weights have diverged (NaN/inf); "
                                  "pretrain again with a lower learning rate")
+    random_methods = [f"random-{m}" for m in (frozen or FROZEN)] if "random" in plan.baselines else []
+    random_done = all((m, p, float(f), s) in journal.done for m in random_methods for p in plan.poolings
+                      for f in plan.fractions for s in range(plan.seeds))
+    if random_methods and not random_done:
+        torch.manual_seed(0)  # the same random encoder for every pooling and seed
+        encoder = make_encoder(False).to(device)
+        for p in plan.poolings:
+            random_feats[p] = (_features(encoder, xtr.to(device), p), _features(encoder, xrep.to(device), p))
     pixels = (xtr.flatten(1).numpy(), xrep.flatten(1).numpy())
-    per_run = len(frozen) * len(plan.poolings) + ("finetune" in plan.methods) + len(plan.baselines)
+    per_run = (len(frozen) + len(random_methods)) * len(plan.poolings) + ("finetune" in plan.methods) \
+        + len([b for b in plan.baselines if b != "random"])
     bar = tqdm(total=plan.seeds * len(plan.fractions) * per_run, desc="evaluation plan", unit="run", disable=not progress)
     records = []
 
@@ -139,11 +150,11 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
     for seed in range(plan.seeds):
         for fraction in plan.fractions:
             idx = stratified_subset(ytr_np, fraction, seed=seed)
-            for method in frozen:
+            for method in frozen + random_methods:
                 for p in plan.poolings:
                     def frozen_scores(method=method, p=p, idx=idx, seed=seed):
-                        ftr, frep = feats[p]
-                        if method == "probe":
+                        ftr, frep = (random_feats if method.startswith("random-") else feats)[p]
+                        if method.endswith("probe"):
                             return len(idx), linear_probe_scores(ftr[idx], ytr_np[idx], frep, seed=seed)[0]
                         return len(idx), knn_scores(ftr[idx], ytr_np[idx], frep, k=plan.k, num_classes=num_classes)
                     run(method, p, fraction, seed, frozen_scores, subset=idx)
@@ -223,7 +234,7 @@ def write_reports(result: dict, out: str | os.PathLike, title: str = "") -> list
     series = []
     for key in dict.fromkeys((r["method"], r["pooling"]) for r in table):
         label = key[0] if key[1] == "-" else f"{key[0]} ({key[1]})"
-        series.append((label, [r for r in table if (r["method"], r["pooling"]) == key], key[0] in BASELINES))
+        series.append((label, [r for r in table if (r["method"], r["pooling"]) == key], key[0] in BASELINES or key[0].startswith("random-")))
     fig = fraction_curves([("", series)], METRICS, result["split"], title)
     return [out / "results.json", out / "results.md", save_figure(fig, out / "results.png")]
 

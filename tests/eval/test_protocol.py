@@ -31,10 +31,15 @@ def test_plan_runs_every_method_on_the_same_subsets(spatial_dims, tmp_path):
                             progress=False)
     records = result["records"]
     assert result["split"] == "val"
-    assert len(records) == 2 * 2 * (2 * 2 + 1 + 3)  # seeds x fractions x (probe/knn x poolings + finetune + baselines)
+    # seeds x fractions x (probe/knn x poolings + finetune + scratch/resnet18/pixels + random probe/knn x poolings)
+    assert len(records) == 2 * 2 * (2 * 2 + 1 + 3 + 2 * 2)
     for seed in (0, 1):  # frozen methods see the same number of labels at a given seed and fraction
         sizes = {r["n_train"] for r in records if r["seed"] == seed and r["fraction"] == 0.1 and r["method"] in ("probe", "knn", "pixels")}
         assert len(sizes) == 1
+    assert {r["method"] for r in records} >= {"random-probe", "random-knn"}
+    random_rows = {(r["method"], r["pooling"], r["fraction"], r["seed"]): r["auc"] for r in records if r["method"].startswith("random-")}
+    pretrained = {(r["method"], r["pooling"], r["fraction"], r["seed"]): r["auc"] for r in records if r["method"] in ("probe", "knn")}
+    assert len(random_rows) == len(pretrained) == 16  # beside every frozen row, the same row on a random encoder
     pixels = [r for r in records if r["method"] == "pixels" and r["fraction"] == 1.0]
     assert all(r["auc"] == 1.0 for r in pixels)  # the bright half separates the classes in pixel space
     files = write_reports(result, tmp_path, "tiny")
@@ -55,7 +60,7 @@ def test_aggregate_mean_and_std_over_seeds():
 
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown"):
-        EvalPlan(methods=("probe", "jigsaw"))
+        EvalPlan(methods=("probe", "rotation"))
 
 
 def test_labelled_csv_without_splits_gets_a_stratified_val(tmp_path):
@@ -95,7 +100,7 @@ def test_benchmark_end_to_end_on_the_phantoms(tmp_path, capsys):
     assert main(args) == 0
     saved = json.loads((out / "evaluation" / "results.json").read_text())
     methods = {r["method"] for r in saved["records"]}
-    assert methods == {"probe", "knn", "finetune", "scratch", "resnet18", "pixels"}
+    assert methods == {"probe", "knn", "finetune", "scratch", "resnet18", "pixels", "random-probe", "random-knn"}
     assert (out / "pretrain" / "models" / "model.pt").is_file() and (out / "evaluation" / "results.png").is_file()
     assert "auc" in capsys.readouterr().out
     assert main(args) == 2 and "--resume" in capsys.readouterr().err  # the same command again: the folder holds a run
