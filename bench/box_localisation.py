@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-sample", type=int, default=2000, help="training images whose boxes give the mean box")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--picture", help="also draw the first 4 val images' boxes (true red, predicted blue) into this PNG")
     args = p.parse_args()
 
     from medssl.bundles import bundle_parser
@@ -81,6 +82,12 @@ def main() -> None:
             batch = collate_fields(val_items[i:i + args.batch_size])
             ious.append(task.localise(batch)["iou"])
     iou = torch.cat(ious)
+    if args.picture:
+        from medssl.viz.panels import write_panels
+
+        with torch.no_grad():
+            write_panels(task.visualize(collate_fields(val_items[:4])), args.picture,
+                         title="box task, held-out val images")
 
     train = build_dataset(load_source(args.data, spatial_dims=dims, split="train"), preprocessing)
     train_items = _items(train, views, args.seed, args.train_sample)

@@ -74,8 +74,12 @@ def _mosaic(crops: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     return canvas
 
 
-def box_panels(images: torch.Tensor, true_boxes: torch.Tensor, pred_boxes: torch.Tensor, crops: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{"boxes": image with true (red) and predicted (blue) boxes, "queries": the query crops}``."""
+def box_panels(images: torch.Tensor, true_boxes: torch.Tensor, pred_boxes: torch.Tensor, crops: torch.Tensor,
+               max_boxes: int = 4) -> dict[str, torch.Tensor]:
+    """``{"boxes": image with true (red) and predicted (blue) boxes, "queries": the query crops}``,
+    both shaped like the images. The first ``max_boxes`` boxes of each image are drawn (ten
+    one-pixel outlines would cover a 28-pixel image) and their crops shown."""
+    true_boxes, pred_boxes, crops = true_boxes[:, :max_boxes], pred_boxes[:, :max_boxes], crops[:, :max_boxes]
     drawn = draw_boxes(images, {TRUE_COLOUR: true_boxes, PREDICTED_COLOUR: pred_boxes})
     spatial = tuple(images.shape[2:])
     queries = torch.stack([_mosaic(c.cpu(), spatial) for c in crops])
