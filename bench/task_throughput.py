@@ -1,4 +1,4 @@
-"""Pretraining speed and memory per task: MAE, DINO, SimCLR, Barlow Twins and cyclic MAE+DINO.
+"""Pretraining speed and memory per task: MAE, DINO, SimCLR, Barlow Twins, query-box and their cyclic mixes.
 
 Every task runs on the same backbone as the bundles (ViT-Tiny: embed 192, depth 12, 3 heads,
 global attention at MedMNIST sizes) with the bundles' heads and views:
@@ -7,7 +7,9 @@ global attention at MedMNIST sizes) with the bundles' heads and views:
 - DINO: 2 global crops + 4 local crops at half the edge, 4096 prototypes, EMA teacher (its
   update is part of the step);
 - SimCLR (projector 1024 -> 128) and Barlow Twins (projector 1024 -> 1024 -> 1024): 2 views;
-- MAE+DINO: the two alternating, one per step (samples/s over whole cycles).
+- query-box (issue #15): 10 boxes per image cropped to half the edge, 3 queries per box, crops
+  encoded without gradient, a 2-block cross-attention decoder, Hungarian matching;
+- MAE+DINO, MAE+box, MAE+DINO+box: alternating, one per step (samples/s over whole cycles).
 
 Two figures per task: **model samples/s** (a training step on ready views, median of rounds,
 tasks alternating round by round) and the **view pipeline's time per sample** (MONAI transforms
