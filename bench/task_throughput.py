@@ -118,7 +118,7 @@ def memory_probe(spec: str) -> dict:
 
 
 def main() -> None:
-    args = bench_args(__doc__, memory_probe, steps=2)  # 2 steps per round: whole MAE+DINO cycles
+    args = bench_args(__doc__, memory_probe, steps=6)  # 6 steps per round: whole cycles of 2- and 3-task mixes
     torch.set_num_threads(os.cpu_count() or 1)
     _, dtype = _autocast()
     precision = str(dtype).replace("torch.", "") if dtype else "float32"
