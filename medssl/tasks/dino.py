@@ -34,7 +34,7 @@ from ..models.base import batch_context
 from .base import Task, register_task
 from .heads import DINOHead
 
-__all__ = ["DINOTask", "koleo_loss", "normalised_entropy", "teacher_temperature", "ema_momentum"]
+__all__ = ["DINOTask", "koleo_loss", "normalised_entropy", "teacher_temperature", "ema_momentum", "ema_update"]
 
 
 def teacher_temperature(progress: float, warmup_temp: float, temp: float, warmup: float) -> float:
@@ -47,6 +47,15 @@ def teacher_temperature(progress: float, warmup_temp: float, temp: float, warmup
 def ema_momentum(progress: float, base: float) -> float:
     """Cosine schedule of the teacher momentum: ``base`` at the start, 1 at the end."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter (modules or parameter lists)."""
+    teachers = teacher.parameters() if hasattr(teacher, "parameters") else teacher
+    students = student.parameters() if hasattr(student, "parameters") else student
+    for t, s in zip(teachers, students):
+        t.lerp_(s.detach(), 1.0 - momentum)
 
 
 def normalised_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -166,11 +175,8 @@ class DINOTask(Task):
     @torch.no_grad()
     def step_end(self, progress: float) -> None:
         """teacher <- m * teacher + (1 - m) * student."""
-        m = ema_momentum(progress, self.momentum)
-        student = [*self.backbone.parameters(), *self.head.parameters()]
-        teacher = [*self.teacher.parameters(), *self.teacher_head.parameters()]
-        for t, s in zip(teacher, student):
-            t.lerp_(s.detach(), 1.0 - m)
+        ema_update([*self.teacher.parameters(), *self.teacher_head.parameters()],
+                   [*self.backbone.parameters(), *self.head.parameters()], ema_momentum(progress, self.momentum))
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:

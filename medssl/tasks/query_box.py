@@ -32,7 +32,7 @@ from ..models.blocks import CrossBlock
 from ..models.position import sincos_position_embedding
 from .base import Task, register_task
 from .box_matching import box_losses, centre_size_to_corners, corners_to_centre_size, group_mask, match, matched_iou
-from .dino import ema_momentum
+from .dino import ema_momentum, ema_update
 
 __all__ = ["QueryBoxTask"]
 
@@ -177,9 +177,7 @@ class QueryBoxTask(Task):
     @torch.no_grad()
     def step_end(self, progress: float) -> None:
         if self.teacher is not None:
-            m = ema_momentum(progress, self.momentum)
-            for t, s in zip(self.teacher.parameters(), self.backbone.parameters()):
-                t.lerp_(s.detach(), 1.0 - m)
+            ema_update(self.teacher, self.backbone, ema_momentum(progress, self.momentum))
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
