@@ -147,10 +147,15 @@ class QueryBoxTask(Task):
         size = torch.tensor(img.shape[2:], dtype=torch.float32, device=boxes.device).repeat(2)
         return corners_to_centre_size(boxes / size)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _matched(self, batch: dict):
+        """Predictions, objectness logits, true boxes and their Hungarian matches for ``batch``."""
         pred, logits = self.predict(batch)
         target = self.targets(batch)
-        matches = match(pred, logits, target, self.weights["l1"], self.weights["giou"], self.weights["objectness"])
+        return pred, logits, target, match(pred, logits, target, self.weights["l1"], self.weights["giou"],
+                                           self.weights["objectness"])
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        pred, logits, target, matches = self._matched(batch)
         terms = box_losses(pred, logits, target, matches, self.no_object_weight)
         loss = sum(self.weights[k] * terms[k] for k in ("l1", "giou", "objectness"))
         iou = matched_iou(pred, target, matches)
@@ -160,9 +165,7 @@ class QueryBoxTask(Task):
     @torch.no_grad()
     def localise(self, batch: dict) -> dict[str, torch.Tensor]:
         """Matched predictions for evaluation: ``iou`` per true box, boxes as corners in voxels."""
-        pred, logits = self.predict(batch)
-        target = self.targets(batch)
-        matches = match(pred, logits, target, self.weights["l1"], self.weights["giou"], self.weights["objectness"])
+        pred, _, target, matches = self._matched(batch)
         iou = matched_iou(pred, target, matches)
         size = torch.tensor(batch[self.image_key].shape[2:], dtype=torch.float32, device=pred.device).repeat(2)
         chosen = torch.stack([pred[i][torch.as_tensor(r)[torch.as_tensor(c).argsort()]] for i, (r, c) in enumerate(matches)])
