@@ -107,13 +107,33 @@ class SeededDataset(torch.utils.data.Dataset):
         item = self.dataset[index]
         if self.views is None:
             return item
-        task = self.schedule(self.iteration_of(epoch, position)) if self.schedule is not None else 0
-        view = self.views[task]
-        if view is not None and hasattr(view, "set_random_state"):
-            view.set_random_state(seed=derive_seed(self.seed, epoch, index, 1))
+        iteration = self.iteration_of(epoch, position)
+        task = self.schedule(iteration) if self.schedule is not None else 0
+        running = self.schedule.tasks_at(iteration) if hasattr(self.schedule, "tasks_at") else [task]
+        views = [(t, self.views[t]) for t in running if self.views[t] is not None]
+        for t, view in views:
+            if hasattr(view, "set_random_state"):
+                view.set_random_state(seed=derive_seed(self.seed, epoch, index, 1 if len(views) == 1 else 1 + t))
         samples = item if isinstance(item, list) else [item]  # 3D pipelines give several patches per volume
-        samples = [dict(view(x) if view is not None else x, view_task=torch.tensor(task)) for x in samples]
+        samples = [dict(self._apply(views, x), view_task=torch.tensor(task)) for x in samples]
         return samples if isinstance(item, list) else samples[0]  # view_task: MultiTask checks it runs that task
+
+    @staticmethod
+    def _apply(views, item: dict) -> dict:
+        """``item`` through each running task's views; two tasks writing one key (two ``views``) is refused."""
+        if len(views) == 1:
+            return views[0][1](item)
+        out, written = dict(item), {}
+        for t, view in views:
+            made = view(item)
+            for k in made:
+                if k not in item or made[k] is not item[k]:
+                    if k in written:
+                        raise ValueError(f"tasks {written[k]} and {t} of a summed schedule both make batch key {k!r}; "
+                                         "sum tasks whose views differ (e.g. barlow + classify + brainfuse, not barlow + dino)")
+                    written[k] = t
+                    out[k] = made[k]
+        return out
 
 
 def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: int = 0, drop_last: bool = True,

@@ -113,9 +113,12 @@ class TaskPictures:
         if not is_main_process() or not isinstance(engine.state.batch, dict):
             return
         names = self._task_names(unwrap(engine.network))
-        index = (engine.state.output or {}).get("task", 0)
-        name = names[int(index)] if 0 <= int(index) < len(names) else names[0]
-        self.batches[name] = {k: _first(v, self.n) for k, v in engine.state.batch.items()}
+        index = int((engine.state.output or {}).get("task", 0))
+        kept = {k: _first(v, self.n) for k, v in engine.state.batch.items()}
+        if index == -1:  # a summed schedule: every task trained on this batch
+            self.batches.update({name: kept for name in names})
+        else:
+            self.batches[names[index] if 0 <= index < len(names) else names[0]] = kept
 
     def __call__(self, engine, final: bool = False) -> None:
         if not self.batches or not is_main_process():

@@ -1,7 +1,9 @@
-"""Several tasks over one shared backbone, one task per minibatch on a schedule.
+"""Several tasks over one shared backbone, one task per minibatch on a schedule, or all summed.
 
 The seed toolkit samples its tasks cyclically at each minibatch. The schedule is a pure function of
 the iteration number, so a resumed run continues with the right task without saving anything.
+``schedule="sum"`` runs every task on every minibatch and sums their weighted losses (supervised +
+Barlow Twins + BrainFuse on each step, as the second source document trains them).
 """
 
 from __future__ import annotations
@@ -25,19 +27,29 @@ class ScheduleMismatch(UserError, RuntimeError):
 class TaskSchedule:
     """Which task runs at iteration ``i`` (1-based, as ignite counts).
 
-    ``cyclic``: tasks in turn; ``random``: drawn with probabilities ``weights`` from ``(seed, i)``.
+    ``cyclic``: tasks in turn; ``random``: drawn with probabilities ``weights`` from ``(seed, i)``;
+    ``sum``: every task at every iteration (``__call__`` returns :data:`ALL`).
     """
 
+    ALL = -1
+
     def __init__(self, n_tasks: int, mode: str = "cyclic", weights: Sequence[float] | None = None, seed: int = 0) -> None:
-        if mode not in ("cyclic", "random"):
-            raise ValueError(f"schedule mode must be 'cyclic' or 'random', got {mode!r}")
+        if mode not in ("cyclic", "random", "sum"):
+            raise ValueError(f"schedule mode must be 'cyclic', 'random' or 'sum', got {mode!r}")
         weights = list(weights) if weights is not None else [1.0] * n_tasks
         if len(weights) != n_tasks or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"need {n_tasks} non-negative schedule weights, got {weights}")
         self.n_tasks, self.mode, self.seed = n_tasks, mode, seed
         self.cumulative = torch.tensor(weights, dtype=torch.float64).cumsum(0) / sum(weights)
 
+    def tasks_at(self, iteration: int) -> list[int]:
+        """The indices of the tasks that run at ``iteration``."""
+        index = self(iteration)
+        return list(range(self.n_tasks)) if index == self.ALL else [index]
+
     def __call__(self, iteration: int) -> int:
+        if self.mode == "sum":
+            return self.ALL
         if self.mode == "cyclic":
             return (iteration - 1) % self.n_tasks
         u = torch.rand((), generator=torch.Generator().manual_seed(derive_seed(self.seed, iteration)), dtype=torch.float64)
@@ -48,7 +60,8 @@ class MultiTask(nn.Module):
     """Tasks sharing one backbone; ``forward(batch, iteration)`` runs the scheduled task.
 
     Returns the task's dict with its loss scaled by the task's ``loss_weights`` entry, every value
-    also under ``"<task>/<key>"`` for per-task logging, and ``"task"``: the task's index.
+    also under ``"<task>/<key>"`` for per-task logging, and ``"task"``: the task's index. With the
+    ``sum`` schedule every task runs, ``"loss"`` is the sum of their weighted losses and ``"task"`` is -1.
     """
 
     def __init__(self, tasks: Task | Sequence[Task] | Mapping[str, Task], schedule: str = "cyclic",
@@ -75,17 +88,33 @@ class MultiTask(nn.Module):
 
     def forward(self, batch: dict, iteration: int = 1) -> dict[str, torch.Tensor]:
         index = self.schedule(iteration)
-        name = self.names[index]
         made_for = batch.get("view_task")
         if made_for is not None and bool((made_for != index).any()):
-            raise ScheduleMismatch(f"iteration {iteration} runs task {name!r} but its batch holds views made for task "
-                               f"{self.names[int(made_for.flatten()[0])]!r}: the loader's schedule or epoch length differs "
+            made = int(made_for.flatten()[0])
+            raise ScheduleMismatch(f"iteration {iteration} runs {self._label(index)} but its batch holds views made for "
+                               f"{self._label(made)}: the loader's schedule or epoch length differs "
                                "from the trainer's (build the loader with views=..., schedule=multitask.schedule)")
+        if index != TaskSchedule.ALL:
+            out = self._run(self.names[index], batch)
+            out["task"] = torch.tensor(index)
+            return out
+        out, total = {}, None
+        for name in self.names:
+            part = self._run(name, batch)
+            total = part["loss"] if total is None else total + part["loss"]
+            out.update({k: v for k, v in part.items() if "/" in k})
+        out["loss"] = total
+        out["task"] = torch.tensor(TaskSchedule.ALL)
+        return out
+
+    def _label(self, index: int) -> str:
+        return "every task (sum)" if index == TaskSchedule.ALL else f"task {self.names[index]!r}"
+
+    def _run(self, name: str, batch: dict) -> dict[str, torch.Tensor]:
         check_batch(self.tasks[name], batch)
         out = dict(self.tasks[name](batch))
         out["loss"] = out["loss"] * self.loss_weights[name]
         out.update({f"{name}/{k}": v for k, v in list(out.items())})
-        out["task"] = torch.tensor(index)
         return out
 
     def step_start(self, progress: float) -> None:

@@ -1,6 +1,7 @@
 """Pretraining tasks: one file each, all registered by name in :data:`TASKS`."""
 
 from .barlow import BarlowTwinsTask
+from .brainfuse import BrainFuseTask, RawBrainFuseTask
 from .base import TASKS, Task, build_task, check_batch, register_task
 from .classify import ClassificationTask
 from .dino import DINOTask
@@ -13,5 +14,5 @@ from .patchify import patchify, unpatchify
 from .simclr import SimCLRTask, nt_xent
 
 __all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch", "MAETask", "DINOTask", "SimCLRTask",
-           "BarlowTwinsTask", "ClassificationTask", "JigsawTask", "QueryBoxTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
+           "BarlowTwinsTask", "ClassificationTask", "JigsawTask", "QueryBoxTask", "BrainFuseTask", "RawBrainFuseTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
            "patchify", "unpatchify"]

@@ -30,6 +30,8 @@ class ClassificationTask(Task):
             with a CLS token, else ``mean``); None when the backbone returns logits itself.
         feature_dim: width of the pooled vector (default the encoder's ``embed_dim``; give it for
             ``flatten``, whose width depends on the grid).
+
+    Items labelled ``-1`` are unlabelled and left out of the loss (a batch of them gives 0).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int = 2, pooling: str | None = "default", feature_dim: int | None = None,
@@ -58,9 +60,12 @@ class ClassificationTask(Task):
         x, y = batch[self.image_key], batch[self.label_key]
         logits = self.logits(x, batch).float()
         y = torch.as_tensor(y, device=logits.device).long().view(-1)
-        loss = F.cross_entropy(logits, y)
+        labelled = y >= 0  # -1: an unlabelled item (a semi-supervised mix); it adds nothing to the loss
+        if not bool(labelled.any()):
+            return {"loss": logits.sum() * 0.0}
+        loss = F.cross_entropy(logits[labelled], y[labelled])
         with torch.no_grad():
-            accuracy = (logits.argmax(-1) == y).float().mean()
+            accuracy = (logits[labelled].argmax(-1) == y[labelled]).float().mean()
         return {"loss": loss, "accuracy": accuracy}
 
     @torch.no_grad()

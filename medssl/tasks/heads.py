@@ -5,15 +5,23 @@
 - :class:`DINOHead`: the DINO head (Caron et al., 2021): an MLP to a bottleneck, L2-normalised,
   then weight-normalised prototypes whose norm is fixed to 1 (``norm_last_layer=True`` in the
   reference), i.e. logits are cosine similarities to learned prototypes.
+- :class:`PixelDecoder`: every patch token of an encoder back to its patch's pixels (a few
+  transformer blocks over the token grid with sinusoidal positions): the generator that turns
+  fused tokens into a fused scan (:mod:`medssl.tasks.brainfuse`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ProjectionMLP", "DINOHead"]
+from ..models.blocks import Block
+from ..models.position import sincos_position_embedding
+
+__all__ = ["ProjectionMLP", "DINOHead", "PixelDecoder"]
 
 
 class ProjectionMLP(nn.Module):
@@ -73,3 +81,34 @@ class DINOHead(nn.Module):
         z = F.normalize(self.mlp(x), dim=-1)
         w = F.normalize(self.prototypes, dim=-1)  # weight norm with g = 1
         return F.linear(z, w.detach() if freeze_prototypes else w)
+
+
+class PixelDecoder(nn.Module):
+    """Patch tokens ``(B, N, in_dim)`` on ``grid`` -> pixels ``(B, N, patch_pixels)``.
+
+    Global attention over the whole grid (a fused token's neighbours come from other patients; the
+    decoder smooths the seams), sinusoidal positions as the encoder's, zero-initialised biases.
+    """
+
+    def __init__(self, in_dim: int, patch_pixels: int, dim: int | None = None, depth: int = 2, heads: int | None = None) -> None:
+        super().__init__()
+        dim = dim or max(32, in_dim // 2)
+        heads = heads or max(1, math.gcd(dim, 8))
+        self.embed = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, patch_pixels)
+        self._pos: dict = {}
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        key = (tuple(grid), str(tokens.device))
+        if key not in self._pos:
+            self._pos[key] = sincos_position_embedding(grid, self.embed.out_features, device=tokens.device)
+        x = self.embed(tokens) + self._pos[key]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))

@@ -17,7 +17,8 @@ from torch import nn
 
 from medssl.models import ViT
 from medssl.models.base import Encoder, GridEncoder
-from medssl.tasks import BarlowTwinsTask, DINOTask, JigsawTask, MAETask, QueryBoxTask, SimCLRTask
+from medssl.tasks import (BarlowTwinsTask, BrainFuseTask, ClassificationTask, DINOTask, JigsawTask, MAETask, QueryBoxTask,
+                          RawBrainFuseTask, SimCLRTask)
 
 SIZE, LOCAL = 16, 8
 
@@ -179,3 +180,38 @@ class TestQueryBox(TaskContract):
 class TestQueryBoxEMA(TestQueryBox):
     def make_task(self, backbone):
         return QueryBoxTask(backbone, queries_per_box=2, max_boxes=4, decoder_dim=32, decoder_heads=2, crop_encoder="ema")
+
+
+class TestRawBrainFuse(TaskContract):
+    """Fused scans feed Barlow Twins (two views each), the classifier (soft labels) and the
+    consistency term, so every partner's parameters must get a gradient through the fusion task."""
+
+    def make_task(self, backbone):
+        return RawBrainFuseTask(backbone, n_patients=2, views=two_views(backbone.spatial_dims, SIZE),
+                                barlow=BarlowTwinsTask(backbone, hidden_dim=32, out_dim=32),
+                                classify=ClassificationTask(backbone, 3), consistency_weight=1.0)
+
+    def _setup(self, spatial_dims, encoder="vit"):
+        task, batch = super()._setup(spatial_dims, encoder)
+        batch["patient"] = ["a", "b", "c", "d"]
+        batch["label"] = torch.tensor([0, 1, 2, 1])
+        return task, batch
+
+    def test_the_encoder_sees_the_batch_context(self, spatial_dims, encoder):
+        """Fused scans carry their first source's context; the sources carry their own."""
+        task, batch = self._setup(spatial_dims, encoder)
+        if encoder != "conv":
+            pytest.skip("the ViT ignores its context; the conv encoder records it")
+        task(batch)
+        seen = [c for c in task.backbone.contexts if c is not None]
+        assert seen and all(set(c["modality"]) <= {"CT", "MR", "XR"} for c in seen)
+        assert any(c["modality"] == ["CT", "MR", "CT", "XR"] for c in seen)  # the sources, encoded in batch order
+
+
+class TestBrainFuse(TestRawBrainFuse):
+    needs_grid = True  # the generator decodes the token grid
+
+    def make_task(self, backbone):
+        return BrainFuseTask(backbone, n_patients=3, views=two_views(backbone.spatial_dims, SIZE),
+                             barlow=BarlowTwinsTask(backbone, hidden_dim=32, out_dim=32),
+                             classify=ClassificationTask(backbone, 3), consistency_weight=1.0, generator_dim=32)
