@@ -114,11 +114,16 @@ class TaskPictures:
             return
         names = self._task_names(unwrap(engine.network))
         index = int((engine.state.output or {}).get("task", 0))
-        kept = {k: _first(v, self.n) for k, v in engine.state.batch.items()}
+        network = unwrap(engine.network)
+        tasks = getattr(network, "tasks", {"task": network})
         if index == -1:  # a summed schedule: every task trained on this batch
-            self.batches.update({name: kept for name in names})
+            ran = names
         else:
-            self.batches[names[index] if 0 <= index < len(names) else names[0]] = kept
+            ran = [names[index] if 0 <= index < len(names) else names[0]]
+        for name in ran:  # a task may need more items than it draws (a fusion of 8 patients needs 8)
+            task = tasks[name] if name in tasks else None
+            n = max(self.n, int(getattr(task, "picture_items", 0) or 0))
+            self.batches[name] = {k: _first(v, n) for k, v in engine.state.batch.items()}
 
     def __call__(self, engine, final: bool = False) -> None:
         if not self.batches or not is_main_process():

@@ -214,15 +214,22 @@ class BrainFuseTask(Task):
         out["largest_share"] = share.max(1).values.mean().detach()
         return out
 
+    @property
+    def picture_items(self) -> int:
+        """Items the pictures need (each fused scan draws ``n_patients`` different ones)."""
+        return 2 * self.n_patients
+
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Up to four sources, the partition (one grey level per source), the raw fusion and, in
+        """Up to four sources, the partition (one colour per source), the raw fusion and, in
         latent space, the latent fusion of the same partition: the source document's figures."""
+        from ..viz.panels import region_colours
+
         groups, part = self.plan(batch, torch.Generator().manual_seed(0))
         img = batch[self.image_key].float()
         raw, weights = self.make(batch, groups, part, space="raw")
         panels = {f"patient {k + 1}": img[groups[:, k].to(img.device)] for k in range(min(4, self.n_patients))}
-        panels["partition"] = (weights.argmax(1, keepdim=True).float() / (self.n_patients - 1)).to(img.dtype)
+        panels["partition"] = region_colours(weights.argmax(1, keepdim=True))  # patient k in colour k
         panels["raw fusion"] = raw.float()
         if self.generator is not None:
             panels["latent fusion"] = self.make(batch, groups, part, space="latent")[0].float()

@@ -17,9 +17,19 @@ import torch
 from .figure import save_figure
 from .views import display_2d, orthogonal_views
 
-__all__ = ["write_panels", "HIDDEN_COLOUR"]
+__all__ = ["write_panels", "region_colours", "HIDDEN_COLOUR", "REGION_COLOURS"]
 
 HIDDEN_COLOUR = (0.23, 0.44, 0.71)
+# one colour per source of a fused scan (up to 8 patients), told apart in colour-blind-safe pairs
+REGION_COLOURS = ((0.90, 0.62, 0.00), (0.34, 0.71, 0.91), (0.00, 0.62, 0.45), (0.94, 0.89, 0.26),
+                  (0.00, 0.45, 0.70), (0.84, 0.37, 0.00), (0.80, 0.47, 0.65), (0.60, 0.60, 0.60))
+
+
+def region_colours(index: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, *S)`` integer region / source labels -> ``(B, 3, *S)`` RGB in [0, 1] (:data:`REGION_COLOURS`)."""
+    palette = torch.tensor(REGION_COLOURS, device=index.device)
+    rgb = palette[index[:, 0].long() % len(REGION_COLOURS)]  # (B, *S, 3)
+    return rgb.movedim(-1, 1)
 
 
 def _tiles(img: torch.Tensor) -> list[tuple[str, np.ndarray]]:
