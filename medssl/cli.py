@@ -174,6 +174,16 @@ def _attention(args) -> int:
     return 0
 
 
+def _fuse(args) -> int:
+    """Fused scans of several patients (BrainFuse), as files a researcher can open."""
+    from .workflows import fuse
+
+    files = fuse(args.checkpoint, args.data, args.out, patients=args.patients, count=args.count, space=args.space,
+                 smoothness=args.smoothness, regions=args.regions, seed=args.seed, bundle=args.bundle)
+    print("\n".join(f"wrote {f}" for f in files))
+    return 0
+
+
 def _demo(args) -> int:
     """The README's main job on the embedded data: phantoms -> scan -> preview -> 3D MAE pretraining."""
     from .data.scan import scan_folder, write_datalist
@@ -309,6 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
     p.set_defaults(func=_attention)
+
+    p = sub.add_parser("fuse", help="fuse several patients into new scans as a BrainFuse run does (NIfTI in 3D, PNG in 2D)")
+    p.add_argument("--checkpoint", required=True, help="RUN/models/model.pt (the run's latest full checkpoint gives the generator)")
+    p.add_argument("--data", required=True, help="folder of images, datalist .json or MedMNIST .npz")
+    p.add_argument("--out", required=True, help="folder for fused_NNN_{raw,latent,partition}, fusion.json, fusion.png")
+    p.add_argument("--patients", type=int, default=2, help="patients per fused scan, 2..8")
+    p.add_argument("--count", type=int, default=4, help="fused scans to write")
+    p.add_argument("--space", default="both", choices=["raw", "latent", "both"])
+    p.add_argument("--smoothness", type=float, help="border width as a fraction of the image edge (default: the run's)")
+    p.add_argument("--regions", type=int, help="regions of the partition (default 2 x patients)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
+    p.set_defaults(func=_fuse)
 
     p = sub.add_parser("demo", help="main job on the embedded data: phantoms, scan, preview, 3D MAE pretraining")
     p.add_argument("--out", default="demo_out")

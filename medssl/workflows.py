@@ -4,6 +4,7 @@ and what ``bench/`` scripts and notebooks call.
 - :func:`pretrain`: a bundle's train config into a locked run folder, its settings recorded in
   ``run.json`` (resume, overwrite, private paths, MLflow tracking);
 - :func:`evaluate`: the evaluation protocol on an encoder checkpoint, built from its run record;
+- :func:`fuse`: fused scans of several patients (BrainFuse) as a run makes them, written as files;
 - :func:`parse_sets`: ``KEY=VALUE`` settings as the command line gives them.
 """
 
@@ -13,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["pretrain", "evaluate", "parse_sets", "private_path", "check_dimensionality"]
+__all__ = ["pretrain", "evaluate", "fuse", "parse_sets", "private_path", "check_dimensionality"]
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -125,3 +126,122 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: 
                                size=get("image_size"), channels=get("in_channels"), ct_window=get("ct_window"), plan=plan,
                                progress=progress, recorded=recorded,
                                title=f"{name} on {'private data' if private else Path(data).name}")
+
+
+def fuse(checkpoint, data, out, patients: int = 2, count: int = 4, space: str = "both", smoothness: float | None = None,
+         regions: int | None = None, seed: int = 0, bundle: str | None = None, max_images: int = 64) -> list[Path]:
+    """Fused scans of ``patients`` different patients of ``data``, as a run of ``checkpoint`` makes them.
+
+    Writes, per fused scan, ``fused_NNN_raw`` and (with a trained generator) ``fused_NNN_latent`` as
+    NIfTI (3D) or PNG (2D), ``fused_NNN_partition`` (the source of each voxel, 1..K; a colour PNG in
+    2D), ``fusion.json`` (per scan: the sources' positions in ``data``, hashed patient ids and shares)
+    and ``fusion.png`` (sources, partition, raw and latent fusion side by side). The generator is
+    read from the run's full checkpoint (``RUN/models/checkpoint_*.pt``); an encoder-only checkpoint
+    gives raw fusion only, and says so.
+    """
+    import torch
+
+    from .bundles import bundle_parser
+    from .data.dataset import build_dataset, load_source
+    from .data.pipeline import build_transforms
+    from .data.tiling import most_foreground_block
+    from .engine.checkpoint import latest_checkpoint, load_checkpoint
+    from .eval.features import load_encoder
+    from .run_record import checkpoint_record
+    from .tasks.brainfuse import BrainFuseTask
+    from .viz.panels import region_colours, write_panels
+
+    if space not in ("raw", "latent", "both"):
+        raise ValueError(f"--space must be raw, latent or both, got {space!r}")
+    if not Path(data).exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    ckpt = Path(checkpoint).resolve()
+    name, settings = checkpoint_record(ckpt, bundle)
+    get = bundle_parser(name, settings).get_parsed_content
+    dims, size = get("spatial_dims"), get("image_size")
+    encoder = load_encoder(get("network_def", lazy=False), ckpt).eval()
+    smoothness = float(settings.get("fuse_smoothness", 0.05) if smoothness is None else smoothness)
+    task = BrainFuseTask(encoder, space="latent" if space != "raw" else "raw", n_patients=patients, n_regions=regions,
+                         smoothness=smoothness, consistency_weight=1.0).eval()
+    note = None
+    if task.generator is not None:
+        full = ckpt if ckpt.name.startswith("checkpoint_") else latest_checkpoint(ckpt.parent)
+        state = load_checkpoint(full, map_location="cpu").get("network", {}) if full else {}
+        prefix = next((k.rsplit("generator.", 1)[0] + "generator." for k in state if ".generator." in k and "raw_brainfuse" not in k), None)
+        if prefix is None:
+            note = f"no trained generator in {full or ckpt.parent} (the run had no latent brainfuse task): raw fusion only"
+            task.generator = None
+        else:
+            task.generator.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    entries = load_source(data, spatial_dims=dims)[:max_images]
+    if not entries:
+        raise ValueError(f"no {dims}D images in {data}")
+    transform = build_transforms(train=False, spatial_dims=dims, size=size, channels=get("in_channels"), ct_windows=get("ct_window"))
+    dataset = build_dataset(entries, transform, cache="none")
+    images, keys, positions = [], [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        img = torch.as_tensor(item["image"]).float()
+        images.append(most_foreground_block(img, size) if dims == 3 else img)
+        keys.append(str(item.get("patient", i)))
+        positions.append(i)
+    batch = {"image": torch.stack(images), "patient": keys}
+    groups, part = task.plan(batch, torch.Generator().manual_seed(seed), n_fused=count)
+    with torch.no_grad():
+        raw, weights = task.make(batch, groups, part, space="raw")
+        latent = task.make(batch, groups, part, space="latent")[0] if task.generator is not None else None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    owner = weights.argmax(1, keepdim=True)
+    written, record = [], []
+    for i in range(len(groups)):
+        files = {"raw": raw[i], **({"latent": latent[i]} if latent is not None else {})}
+        for kind, img in files.items():
+            written.append(_write_scan(img, out / f"fused_{i:03d}_{kind}", dims))
+        written.append(_write_scan(owner[i].float() + 1, out / f"fused_{i:03d}_partition", dims, labels=True,
+                                   colours=region_colours(owner[i:i + 1])[0]))
+        record.append({"fused": i, "sources": [positions[j] for j in groups[i].tolist()],
+                       "patients": [keys[j] for j in groups[i].tolist()],
+                       "shares": [round(float(s), 4) for s in weights[i].flatten(1).mean(1)]})
+    from .atomic import atomic_write
+
+    with atomic_write(out / "fusion.json", "w") as f:
+        json.dump({"checkpoint": str(ckpt), "patients": patients, "smoothness": smoothness, "seed": seed, "fused": record}, f, indent=2)
+    written.append(out / "fusion.json")
+    panels = {f"patient {k + 1}": batch["image"][groups[:, k]] for k in range(min(4, patients))}
+    panels["partition"] = region_colours(owner)
+    panels["raw fusion"] = raw
+    if latent is not None:
+        panels["latent fusion"] = latent
+    written.append(write_panels(panels, out / "fusion.png", title=f"{name}: {patients} patients fused ({ckpt.name})"))
+    if note:
+        print(note, file=sys.stderr)
+    return written
+
+
+def _write_scan(img, stem: Path, dims: int, labels: bool = False, colours=None) -> Path:
+    """One fused scan (or partition) as NIfTI (3D) or PNG (2D), written atomically."""
+    import numpy as np
+
+    from .atomic import atomic_write
+
+    if dims == 3:
+        import gzip
+
+        import nibabel as nib
+
+        array = img[0].cpu().numpy().astype(np.uint8 if labels else np.float32)
+        path = stem.with_suffix(".nii.gz")
+        with atomic_write(path) as f:
+            f.write(gzip.compress(nib.Nifti1Image(array, np.eye(4)).to_bytes()))
+        return path
+    from PIL import Image
+
+    from .viz.views import display_2d
+
+    picture = display_2d((colours if colours is not None else img).cpu())
+    array = (np.clip(picture, 0, 1) * 255).round().astype(np.uint8)
+    path = stem.with_suffix(".png")
+    with atomic_write(path) as f:
+        Image.fromarray(array).save(f, format="PNG")
+    return path

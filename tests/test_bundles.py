@@ -12,7 +12,8 @@ import torch
 from medssl.bundle_settings import config_settings
 from medssl.bundles import bundle_root, check_metadata, list_bundles, run_bundle
 
-BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d", "box_xray_2d"]
+BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d", "box_xray_2d", "brainfuse_xray_2d",
+           "brainfuse_3d"]
 _3D = dict(vit_size="micro", image_size=16, patch_size=4, window_size=2, batch_size=2, cache="none")
 _2D = dict(vit_size="micro", image_size=32, patch_size=8, window_size=2, batch_size=2, cache="none")
 _HEADS = dict(out_dim=64)
@@ -23,11 +24,14 @@ TINY = {  # a few seconds per bundle on a laptop CPU
     "simclr_xray_2d": dict(_2D, method_settings={"simclr": {"hidden_dim": 32, "out_dim": 16}}),
     "mae_dino_ct_3d": dict(_3D, **_HEADS, n_local_crops=2),
     "box_xray_2d": dict(_2D, n_query_boxes=4),
+    "brainfuse_xray_2d": dict(_2D, bt_dim=32),
+    "brainfuse_3d": dict(_3D, bt_dim=32),
 }
 DATA = {"mae_ct_3d": "ct_dicom", "mae_xray_2d": "xray", "dino_xray_2d": "xray", "simclr_xray_2d": "xray", "mae_dino_ct_3d": "ct_dicom",
-        "box_xray_2d": "xray"}
+        "box_xray_2d": "xray", "brainfuse_xray_2d": "xray", "brainfuse_3d": "ct_dicom"}
 PICTURES = {"mae_ct_3d": ["mae"], "mae_xray_2d": ["mae"], "dino_xray_2d": ["dino"], "simclr_xray_2d": ["simclr"],
-            "mae_dino_ct_3d": ["mae", "dino"], "box_xray_2d": ["box"]}
+            "mae_dino_ct_3d": ["mae", "dino"], "box_xray_2d": ["box"], "brainfuse_xray_2d": ["barlow", "brainfuse"],
+            "brainfuse_3d": ["barlow", "brainfuse"]}
 
 
 # The required keys and types of the model zoo's metadata schema (meta_schema_20240725.json), vendored so the check

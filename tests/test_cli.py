@@ -109,3 +109,45 @@ def test_contrastive_pretraining_then_attention_maps(tmp_path, spatial_dims, bun
     assert main(["-q", "attention", "--checkpoint", str(run / "models" / "model.pt"), "--data", str(data), "--out", str(out),
                  "--max-images", "5"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["attention_000.png", "attention_001.png"]
+
+
+@pytest.mark.parametrize("spatial_dims,bundle", [(2, "brainfuse_xray_2d"), (3, "brainfuse_3d")])
+def test_supervised_brainfuse_pretraining_then_fused_scans_written_as_files(tmp_path, spatial_dims, bundle, capsys):
+    """The user's path: labelled data, classify + Barlow Twins + latent fusion summed, then `medssl fuse` on the checkpoint."""
+    data = _tiny_npz(tmp_path / "tiny.npz", spatial_dims, n=16)
+    run = tmp_path / "run"
+    assert main(["-q", "pretrain", "--bundle", bundle, "--data", str(data), "--out", str(run), "--size", "micro",
+                 "--batch-size", "8", "--max-epochs", "1", "--set", "bt_dim=32", "--set", "fuse_patients=3",
+                 "--set", "task_names=['classify','barlow','brainfuse']"]) == 0
+    assert sorted(p.name for p in (run / "pictures").glob("*_final.png")) == ["barlow_final.png", "brainfuse_final.png"]
+    import torch
+
+    from medssl.engine import latest_checkpoint
+
+    state = torch.load(latest_checkpoint(run / "models"), weights_only=True)["network"]
+    assert float(state["tasks.classify.head.bias"].abs().sum()) > 0  # the classifier trained (its bias starts at 0)
+    assert any(k.startswith("tasks.brainfuse.generator.") for k in state)
+    out = tmp_path / "fused"
+    assert main(["-q", "fuse", "--checkpoint", str(run / "models" / "model.pt"), "--data", str(data), "--out", str(out),
+                 "--patients", "3", "--count", "2"]) == 0
+    suffix = ".nii.gz" if spatial_dims == 3 else ".png"
+    for i in range(2):
+        for kind in ("raw", "latent", "partition"):
+            assert (out / f"fused_{i:03d}_{kind}{suffix}").stat().st_size > 100
+    record = json.loads((out / "fusion.json").read_text())
+    for scan in record["fused"]:
+        assert len(set(scan["patients"])) == 3 and sum(scan["shares"]) == pytest.approx(1, abs=1e-3)
+    if spatial_dims == 3:
+        import nibabel as nib
+
+        raw = nib.load(out / "fused_000_raw.nii.gz").get_fdata()
+        parts = nib.load(out / "fused_000_partition.nii.gz").get_fdata()
+        assert raw.shape == parts.shape == (28, 28, 28) and set(np.unique(parts)) <= {1, 2, 3}
+        assert 0 <= raw.min() and raw.max() <= 1
+    else:
+        assert Image.open(out / "fused_000_raw.png").size == (28, 28)
+    assert (out / "fusion.png").stat().st_size > 1000
+    assert main(["fuse", "--checkpoint", str(run / "models" / "model.pt"), "--data", str(data), "--out", str(out),
+                 "--patients", "20"]) == 2  # more patients than a fused scan can have: one line, no traceback
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "2..8" in err

@@ -116,10 +116,11 @@ class BrainFuseTask(Task):
             self.generator = PixelDecoder(backbone.embed_dim, pixels, generator_dim, generator_depth)
 
     # -- making fused scans ---------------------------------------------------------------
-    def plan(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, Partition]:
-        """Which items to fuse ``(G, K)`` and the partition for each fused scan."""
+    def plan(self, batch: dict, generator: torch.Generator | None = None, n_fused: int | None = None) -> tuple[torch.Tensor, Partition]:
+        """Which items to fuse ``(G, K)`` and the partition for each fused scan (``n_fused`` of them:
+        default the task's setting, else one per batch item)."""
         img = batch[self.image_key]
-        n = self.n_fused or img.shape[0]
+        n = n_fused or self.n_fused or img.shape[0]
         groups = fusion_groups(batch["patient"], self.n_patients, n, generator)
         part = random_partition(n, self.n_patients, img.ndim - 2, self.n_regions, self.smoothness, generator, img.device)
         return groups, part
