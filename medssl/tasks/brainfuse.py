@@ -12,10 +12,12 @@ Each step fuses ``n_patients`` (2..8) different patients of the batch region by 
 The generator is trained inside this task, by reconstructing every source scan from its full
 token grid (an autoencoder on the encoder's tokens), not by reusing the MAE task's decoder: the
 MAE decoder predicts hidden patches from visible ones and never learns to decode a complete token
-grid, and this way the task works in any mix, with or without MAE. Its loss reaches the generator
-only (tokens are detached for it), so the encoder is shaped by the uses of the fused scans, not by
-an extra autoencoding objective; the row "+ BrainFuse" of an ablation then measures fusion, not
-autoencoding.
+grid, and this way the task works in any mix, with or without MAE. By default its loss reaches the
+generator only (tokens are detached for it), so the encoder is shaped by the uses of the fused
+scans, not by an extra autoencoding objective; the row "+ BrainFuse" of an ablation then measures
+fusion, not autoencoding. ``generator_trains_encoder=True`` lets the reconstruction train the
+encoder too (its tokens then keep what a decoder needs: sharper fused scans, at the price of an
+autoencoding term in the encoder's objective).
 
 What a fused scan is used for (each optional, all summed into the task's loss):
 
@@ -82,6 +84,7 @@ class BrainFuseTask(Task):
         consistency_weight: weight of the consistency term (0: off).
         pooling: embedding for the consistency term (default: ``classify``'s, else ``cls``/``mean``).
         generator_dim, generator_depth: the latent generator's width and depth.
+        generator_trains_encoder: let the generator's reconstruction loss reach the encoder.
     """
 
     required_keys = ("image", "patient")
@@ -89,7 +92,8 @@ class BrainFuseTask(Task):
     def __init__(self, backbone: nn.Module, space: str = "latent", n_patients: int = 2, n_regions: int | None = None,
                  smoothness: float = 0.05, n_fused: int | None = None, views=None, barlow: Task | None = None,
                  classify: Task | None = None, consistency_weight: float = 0.0, pooling: str | None = None,
-                 generator_dim: int | None = None, generator_depth: int = 2, image_key: str = "image",
+                 generator_dim: int | None = None, generator_depth: int = 2, generator_trains_encoder: bool = False,
+                 image_key: str = "image",
                  label_key: str = "label") -> None:
         super().__init__(backbone)
         if space not in SPACES:
@@ -108,7 +112,7 @@ class BrainFuseTask(Task):
         self.image_key, self.label_key = image_key, label_key
         self.required_keys = (image_key, "patient") + ((label_key,) if classify is not None else ())
         self.pooling = pooling or getattr(classify, "pooling", None) or ("cls" if backbone.num_prefix_tokens else "mean")
-        self.generator = None
+        self.generator, self.generator_trains_encoder = None, bool(generator_trains_encoder)
         if space == "latent":
             if not hasattr(backbone, "patch_size"):
                 raise ValueError("latent fusion decodes the token grid: it needs a grid encoder (the ViT); use space='raw'")
@@ -178,11 +182,12 @@ class BrainFuseTask(Task):
         total = img.new_zeros((), dtype=torch.float32)
         tokens = None
         if self.space == "latent" or self.consistency_weight:
-            with torch.no_grad():  # the generator's input and the consistency target: no gradient either way
-                tokens = self.encode(batch, img)
+            with torch.set_grad_enabled(self.generator is not None and self.generator_trains_encoder):
+                tokens = self.encode(batch, img)  # the generator's input and the consistency target
         if self.generator is not None:
             grid = self.backbone.grid_size(img.shape[2:])
-            recon = self.generator(tokens[:, self.backbone.num_prefix_tokens:].detach(), grid).float()
+            source = tokens[:, self.backbone.num_prefix_tokens:]
+            recon = self.generator(source if self.generator_trains_encoder else source.detach(), grid).float()
             out["generator"] = F.mse_loss(recon, patchify(img, self.backbone.patch_size).float())
             total = total + out["generator"]
         fused, weights = self.make(batch, groups, part, tokens)

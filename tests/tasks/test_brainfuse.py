@@ -214,3 +214,12 @@ def test_a_summed_schedule_makes_every_tasks_views_and_refuses_two_that_clash():
                           steps_per_epoch=2)
     with pytest.raises(ValueError, match="both make batch key 'views'"):
         clash[(0, 0, 1)]
+
+
+def test_the_generator_may_train_the_encoder_when_asked():
+    vit = _vit(2)
+    task = BrainFuseTask(vit, n_patients=2, generator_dim=32, generator_trains_encoder=True)
+    out = task(_batch(2))
+    out["loss"].backward()
+    assert set(out) >= {"generator"} and "barlow" not in out
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in vit.parameters())
