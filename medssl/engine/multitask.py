@@ -98,14 +98,12 @@ class MultiTask(nn.Module):
             out = self._run(self.names[index], batch)
             out["task"] = torch.tensor(index)
             return out
-        out, total = {}, None
+        parts, total = {}, None
         for name in self.names:
             part = self._run(name, batch)
             total = part["loss"] if total is None else total + part["loss"]
-            out.update({k: v for k, v in part.items() if "/" in k})
-        out["loss"] = total
-        out["task"] = torch.tensor(TaskSchedule.ALL)
-        return out
+            parts.update({k: v for k, v in part.items() if "/" in k})
+        return {"loss": total, **parts, "task": torch.tensor(TaskSchedule.ALL)}
 
     def _label(self, index: int) -> str:
         return "every task (sum)" if index == TaskSchedule.ALL else f"task {self.names[index]!r}"

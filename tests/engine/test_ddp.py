@@ -18,6 +18,7 @@ from medssl.bundles import bundle_root
 @pytest.mark.parametrize("bundle,spatial_dims,extra", [
     ("mae_xray_2d", 2, []),
     ("mae_dino_ct_3d", 3, ["--out_dim", "64", "--n_local_crops", "2"]),  # cyclic: each task leaves the other's head unused
+    ("brainfuse_xray_2d", 2, ["--bt_dim", "32"]),  # summed: Barlow Twins + latent fusion on every step
 ])
 def test_two_process_training_shards_data_and_syncs_gradients(tmp_path, bundle, spatial_dims, extra):
     rng = np.random.default_rng(0)
