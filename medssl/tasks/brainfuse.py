@@ -32,6 +32,14 @@ What a fused scan is used for (each optional, all summed into the task's loss):
   ``1 - cos``.
 
 The fused scan itself is data: no gradient flows through it into the generator or the sources.
+
+A generator that has not learned yet decodes noise, and noise with soft labels harms more than it
+helps. Latent fused scans are therefore used only once the generator reconstructs the sources
+well: ``generator_quality``, a running mean of its R² (1 - error / variance of the pixels), must
+have reached ``min_generator_quality`` (default 0.5); until then the step trains the generator
+alone and logs ``latent_used`` 0. The gate reads the running mean from before the step, which DDP
+broadcasts from rank 0, so every rank takes the same branch; the running mean is a buffer, saved
+in checkpoints, so a resumed run gates exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -85,6 +93,7 @@ class BrainFuseTask(Task):
         pooling: embedding for the consistency term (default: ``classify``'s, else ``cls``/``mean``).
         generator_dim, generator_depth: the latent generator's width and depth.
         generator_trains_encoder: let the generator's reconstruction loss reach the encoder.
+        min_generator_quality: running R² the generator needs before latent fused scans are used.
     """
 
     required_keys = ("image", "patient")
@@ -93,7 +102,7 @@ class BrainFuseTask(Task):
                  smoothness: float = 0.05, n_fused: int | None = None, views=None, barlow: Task | None = None,
                  classify: Task | None = None, consistency_weight: float = 0.0, pooling: str | None = None,
                  generator_dim: int | None = None, generator_depth: int = 2, generator_trains_encoder: bool = False,
-                 image_key: str = "image",
+                 min_generator_quality: float = 0.5, image_key: str = "image",
                  label_key: str = "label") -> None:
         super().__init__(backbone)
         if space not in SPACES:
@@ -113,6 +122,8 @@ class BrainFuseTask(Task):
         self.required_keys = (image_key, "patient") + ((label_key,) if classify is not None else ())
         self.pooling = pooling or getattr(classify, "pooling", None) or ("cls" if backbone.num_prefix_tokens else "mean")
         self.generator, self.generator_trains_encoder = None, bool(generator_trains_encoder)
+        self.min_generator_quality = float(min_generator_quality)
+        self.register_buffer("generator_quality", torch.zeros(()))
         if space == "latent":
             if not hasattr(backbone, "patch_size"):
                 raise ValueError("latent fusion decodes the token grid: it needs a grid encoder (the ViT); use space='raw'")
@@ -188,8 +199,19 @@ class BrainFuseTask(Task):
             grid = self.backbone.grid_size(img.shape[2:])
             source = tokens[:, self.backbone.num_prefix_tokens:]
             recon = self.generator(source if self.generator_trains_encoder else source.detach(), grid).float()
-            out["generator"] = F.mse_loss(recon, patchify(img, self.backbone.patch_size).float())
+            pixels = patchify(img, self.backbone.patch_size).float()
+            out["generator"] = F.mse_loss(recon, pixels)
             total = total + out["generator"]
+            ready = bool(self.generator_quality >= self.min_generator_quality)  # before this step: the same on every rank
+            if self.training:
+                with torch.no_grad():
+                    r2 = 1 - out["generator"].detach() / pixels.var().clamp(min=1e-8)
+                    self.generator_quality.mul_(0.9).add_(0.1 * r2.clamp(min=-1.0))
+            out["generator_quality"] = self.generator_quality.clone()
+            out["latent_used"] = torch.tensor(float(ready))
+            if not ready:
+                out["loss"] = total
+                return out
         fused, weights = self.make(batch, groups, part, tokens)
         share = shares(weights)
         fb = self.fused_batch(batch, groups, fused)

@@ -182,7 +182,7 @@ def test_a_summed_schedule_runs_every_task_on_every_batch_and_adds_their_losses(
     barlow = BarlowTwinsTask(vit, hidden_dim=32, out_dim=32)
     classify = ClassificationTask(vit, 2)
     fuse_task = BrainFuseTask(vit, n_patients=2, views=two_views(2, 16), barlow=barlow, classify=classify,
-                              consistency_weight=0.5, generator_dim=32)
+                              consistency_weight=0.5, generator_dim=32, min_generator_quality=-1.0)
     mix = MultiTask({"classify": classify, "barlow": barlow, "brainfuse": fuse_task}, schedule="sum",
                     loss_weights={"barlow": 0.5})
     assert mix.schedule(7) == TaskSchedule.ALL and mix.schedule.tasks_at(7) == [0, 1, 2]
@@ -223,3 +223,22 @@ def test_the_generator_may_train_the_encoder_when_asked():
     out["loss"].backward()
     assert set(out) >= {"generator"} and "barlow" not in out
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in vit.parameters())
+
+
+def test_latent_fused_scans_wait_for_a_generator_that_decodes():
+    """Until the generator's running R² reaches the gate, a step trains the generator alone; the running
+    value is a buffer (checkpointed, so a resumed run gates the same)."""
+    vit = _vit(2)
+    barlow = BarlowTwinsTask(vit, hidden_dim=16, out_dim=16)
+    task = BrainFuseTask(vit, n_patients=2, views=two_views(2, 16), barlow=barlow, generator_dim=32, min_generator_quality=0.3)
+    batch = _batch(2)
+    out = task(batch)
+    assert float(out["latent_used"]) == 0 and "barlow" not in out and set(out) >= {"generator", "generator_quality"}
+    assert "generator_quality" in task.state_dict()
+    task.generator_quality.fill_(0.31)
+    out = task(batch)
+    assert float(out["latent_used"]) == 1 and "barlow" in out
+    task.eval()
+    before = task.generator_quality.clone()
+    task(batch)
+    assert torch.equal(task.generator_quality, before)  # evaluation does not move the running value
