@@ -4,7 +4,8 @@
 
 Every picture is what a user's own run draws (the same commands, on the phantom CT series and
 radiographs that `medssl phantoms` writes): preview grids of what a model sees, MAE input /
-masked / reconstruction panels (3D and 2D), DINO and SimCLR views, and last-block attention maps.
+masked / reconstruction panels (3D and 2D), DINO and SimCLR views, last-block attention maps, query
+boxes and BrainFuse fusions (patients, partition, raw and latent fusion).
 Runs are short, so the reconstructions are blurry: they show what the pictures look like, not
 how good a long run gets.
 """
@@ -30,6 +31,10 @@ RUNS = {
                                            "task_names": "['mae','dino','jigsaw']"}, {"jigsaw_final.png": "jigsaw_pictures.png"}),
     "box_xray_2d": ("xray", {"max_epochs": 60, "picture_every": 60, "image_size": 128},
                     {"box_final.png": ["box_xray_2d.png", ROOT / "bundles/box_xray_2d/docs/pictures.png"]}),
+    "brainfuse_xray_2d": ("xray", {"max_epochs": 150, "picture_every": 150, "image_size": 128, "fuse_patients": 3},
+                          {"brainfuse_final.png": ["brainfuse_xray_2d.png", ROOT / "bundles/brainfuse_xray_2d/docs/pictures.png"]}),
+    "brainfuse_3d": ("ct_dicom", {"max_epochs": 60, "picture_every": 60, "image_size": 32, "patch_size": 4, "window_size": 0},
+                     {"brainfuse_final.png": ["brainfuse_3d.png", ROOT / "bundles/brainfuse_3d/docs/pictures.png"]}),
 }
 
 

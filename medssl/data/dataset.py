@@ -20,6 +20,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 
 from ..errors import UserError
 from .fields import collate_fields
+from .privacy import patient_hash
 from .io import describe, root_cause
 
 __all__ = ["load_datalist", "load_source", "hold_out", "build_dataset", "build_loader", "SkipUnreadable", "SafeCacheDataset"]
@@ -92,6 +93,7 @@ def _load_table(path: str) -> list[dict]:
         return {"label": int(value)}
 
     return [{"image": str(_resolve(r["image"], base)), "modality": r.get("modality") or "OT", **label(r, i + 2),
+             **({"patient": patient_hash(r["patient"].strip())} if (r.get("patient") or "").strip() else {}),
              **({"split": r["split"]} if r.get("split") else {})} for i, r in enumerate(rows)]
 
 
@@ -116,7 +118,10 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
     """Entries from a datalist ``.json``, a MedMNIST ``.npz``, a folder (scanned now), a CSV or a list.
 
     A CSV needs an ``image`` column (paths relative to the CSV) and may have ``modality``,
-    ``label`` and ``split``; pretraining uses its images only.
+    ``label``, ``patient`` and ``split``; pretraining uses its images only. Every entry gets a
+    salted ``patient`` hash: the source's patient id where it names one (a CSV ``patient`` column,
+    a datalist field, DICOM headers), else the image's path (each image its own patient, as
+    MedMNIST has it), so patient-level splits and patient mixing work on any source.
 
     Args:
         spatial_dims: keep only entries of this dimensionality (``None`` keeps all).
@@ -153,6 +158,8 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
             raise FileNotFoundError(f"{path} does not exist")
         else:
             raise ValueError(f"{path}: expected a folder, a datalist .json or a MedMNIST .npz")
+    entries = [e if e.get("patient") else dict(e, patient=patient_hash(
+        str(e["image"]) if isinstance(e.get("image"), (str, os.PathLike)) else f"item:{i}", salt)) for i, e in enumerate(entries)]
     if spatial_dims is not None:
         kept = [e for e in entries if e.get("spatial_dims", spatial_dims) == spatial_dims]
         if len(kept) < len(entries):

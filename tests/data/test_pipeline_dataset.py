@@ -200,3 +200,23 @@ def test_hold_out_keeps_patients_whole_and_training_non_empty():
     assert len(hold_out(entries[:3], 0.9)[0]) == 3  # one patient: nothing can be held out
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         hold_out(entries, 1.0)
+
+
+def test_every_entry_gets_a_salted_patient_whatever_the_source(tmp_path, monkeypatch):
+    """Patient mixing and patient-level splits need a patient on every entry: a CSV's patient column
+    (hashed), else the image's path (each image its own patient)."""
+    from medssl.data.dataset import load_source
+    from medssl.data.privacy import patient_hash
+
+    monkeypatch.setenv("MEDSSL_SALT", "s")
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "with.csv").write_text("image,label,patient\na.png,0,P1\nb.png,1,P1\nc.png,0,P2\n")
+    (tmp_path / "without.csv").write_text("image,label\na.png,0\nb.png,1\n")
+    named = load_source(str(tmp_path / "with.csv"))
+    assert [e["patient"] for e in named] == [patient_hash("P1")] * 2 + [patient_hash("P2")]
+    assert all("P1" not in e["patient"] for e in named)  # hashed, never the id itself
+    plain = load_source(str(tmp_path / "without.csv"))
+    assert len({e["patient"] for e in plain}) == 2 and all(len(e["patient"]) == 16 for e in plain)
+    listed = load_source([{"image": str(tmp_path / "a.png")}, {"image": str(tmp_path / "a.png"), "patient": "kept"}])
+    assert listed[0]["patient"] == patient_hash(str(tmp_path / "a.png")) and listed[1]["patient"] == "kept"
