@@ -87,12 +87,16 @@ def run_one(row: str, x, y, val_x, val_y, seed: int, args) -> dict:
     from ignite.engine import Events
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: schedule.step())
+    used = []  # share of steps whose latent fused scans were used (the generator gate)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: used.append(float(e.state.output.get(f"{name}/latent_used", 1.0))) if name else None)
     start = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - start
     metrics = classification_metrics(val_y.numpy(), classify.predict(val_x))
+    quality = float(tasks[name].generator_quality) if name and spec["space"] == "latent" else None
     return {**metrics, "steps": total, "seconds": seconds, "skipped_steps": trainer.skipped_steps, "batch_size": batch,
-            "labelled": len(x)}
+            "labelled": len(x), "latent_used": float(np.mean(used)) if used else None, "generator_quality": quality}
 
 
 def summarise(results: dict, fractions, seeds) -> tuple[str, dict]:
