@@ -137,6 +137,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--amp", default="off")
     p.add_argument("--markdown", default=None, help="write the table into this file between brainfuse_<dataset> markers")
+    p.add_argument("--report-only", action="store_true", help="tabulate the finished runs of --out, train nothing")
     args = p.parse_args(argv)
 
     from medssl.eval.fractions import stratified_subset
@@ -161,6 +162,8 @@ def main(argv=None) -> None:
                 if path.exists():
                     results[(f, seed, row)] = json.loads(path.read_text())
                     continue
+                if args.report_only:
+                    continue
                 r = run_one(row, x[subset], y[subset], val_x, val_y, seed, args)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r))
@@ -169,7 +172,8 @@ def main(argv=None) -> None:
                 print(f"{f:g} seed {seed} {row}: acc {r['accuracy']:.3f} bacc {r['balanced_accuracy']:.3f} "
                       f"auc {r['auc']:.3f} ({r['seconds']:.0f} s, {r['steps']} steps)", flush=True)
     text, _ = summarise(results, fractions, seeds)
-    cmd = "python bench/brainfuse_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python bench/brainfuse_ablation.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                           if a != "--report-only")
     header = (f"Command: `{cmd}`\n\n{data.name}: train split {len(x)} images ({d}D, 28 px), val {len(val_x)}. Encoder: ViT "
               f"{args.dim}-d, depth {args.depth}, patch {args.patch}, global attention, from scratch; {args.steps} steps per run "
               f"(batch {args.batch_size}, or the subset when smaller), AdamW lr {args.lr}, every task summed on every step; "
