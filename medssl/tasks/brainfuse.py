@@ -94,6 +94,8 @@ class BrainFuseTask(Task):
         generator_dim, generator_depth: the latent generator's width and depth.
         generator_trains_encoder: let the generator's reconstruction loss reach the encoder.
         min_generator_quality: running R² the generator needs before latent fused scans are used.
+        barlow_weight: scale of the Barlow Twins loss on fused scans (give it the mix's ``barlow``
+            loss weight, so real and fused samples weigh alike).
     """
 
     required_keys = ("image", "patient")
@@ -102,7 +104,7 @@ class BrainFuseTask(Task):
                  smoothness: float = 0.05, n_fused: int | None = None, views=None, barlow: Task | None = None,
                  classify: Task | None = None, consistency_weight: float = 0.0, pooling: str | None = None,
                  generator_dim: int | None = None, generator_depth: int = 2, generator_trains_encoder: bool = False,
-                 min_generator_quality: float = 0.5, image_key: str = "image",
+                 min_generator_quality: float = 0.5, barlow_weight: float = 1.0, image_key: str = "image",
                  label_key: str = "label") -> None:
         super().__init__(backbone)
         if space not in SPACES:
@@ -117,7 +119,7 @@ class BrainFuseTask(Task):
             raise ValueError("raw fusion with nothing to train: give it barlow, classify or consistency_weight > 0")
         self.space, self.n_patients, self.n_regions, self.smoothness = space, n_patients, n_regions, float(smoothness)
         self.n_fused, self.views, self.consistency_weight = n_fused, views, float(consistency_weight)
-        self.barlow, self.classify = barlow, classify
+        self.barlow, self.classify, self.barlow_weight = barlow, classify, float(barlow_weight)
         self.image_key, self.label_key = image_key, label_key
         self.required_keys = (image_key, "patient") + ((label_key,) if classify is not None else ())
         self.pooling = pooling or getattr(classify, "pooling", None) or ("cls" if backbone.num_prefix_tokens else "mean")
@@ -229,7 +231,7 @@ class BrainFuseTask(Task):
                 total = total + out["soft_ce"]
         if self.barlow is not None:
             out["barlow"] = self.barlow({**fb, "views": self._views(fb)})["loss"]
-            total = total + out["barlow"]
+            total = total + self.barlow_weight * out["barlow"]
         if self.consistency_weight:
             if embedding is None:
                 embedding = self.embed(fb, fused, self.pooling)
