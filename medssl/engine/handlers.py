@@ -120,10 +120,10 @@ class TaskPictures:
             ran = names
         else:
             ran = [names[index] if 0 <= index < len(names) else names[0]]
-        for name in ran:  # a task may need more items than it draws (a fusion of 8 patients needs 8)
-            task = tasks[name] if name in tasks else None
-            n = max(self.n, int(getattr(task, "picture_items", 0) or 0))
-            self.batches[name] = {k: _first(v, n) for k, v in engine.state.batch.items()}
+        # a task may need more items than it draws (a fusion of 8 patients needs 8); one copy serves every task that ran
+        n = max([self.n] + [int(getattr(tasks[name], "picture_items", 0) or 0) for name in ran if name in tasks])
+        kept = {k: _first(v, n) for k, v in engine.state.batch.items()}
+        self.batches.update({name: kept for name in ran})
 
     def __call__(self, engine, final: bool = False) -> None:
         if not self.batches or not is_main_process():
