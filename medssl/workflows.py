@@ -162,7 +162,7 @@ def fuse(checkpoint, data, out, patients: int = 2, count: int = 4, space: str = 
     encoder = load_encoder(get("network_def", lazy=False), ckpt).eval()
     smoothness = float(settings.get("fuse_smoothness", 0.05) if smoothness is None else smoothness)
     task = BrainFuseTask(encoder, space="latent" if space != "raw" else "raw", n_patients=patients, n_regions=regions,
-                         smoothness=smoothness, consistency_weight=1.0).eval()
+                         smoothness=smoothness, consistency_weight=1.0).eval()  # the weight only lets raw fusion be built; nothing trains
     note = None
     if task.generator is not None:
         full = ckpt if ckpt.name.startswith("checkpoint_") else latest_checkpoint(ckpt.parent)
@@ -178,18 +178,16 @@ def fuse(checkpoint, data, out, patients: int = 2, count: int = 4, space: str = 
         raise ValueError(f"no {dims}D images in {data}")
     transform = build_transforms(train=False, spatial_dims=dims, size=size, channels=get("in_channels"), ct_windows=get("ct_window"))
     dataset = build_dataset(entries, transform, cache="none")
-    images, keys, positions = [], [], []
+    images, keys = [], []
     for i in range(len(dataset)):
         item = dataset[i]
         img = torch.as_tensor(item["image"]).float()
         images.append(most_foreground_block(img, size) if dims == 3 else img)
         keys.append(str(item.get("patient", i)))
-        positions.append(i)
     batch = {"image": torch.stack(images), "patient": keys}
     groups, part = task.plan(batch, torch.Generator().manual_seed(seed), n_fused=count)
-    with torch.no_grad():
-        raw, weights = task.make(batch, groups, part, space="raw")
-        latent = task.make(batch, groups, part, space="latent")[0] if task.generator is not None else None
+    panels, weights = task.panels(batch, groups, part)
+    raw, latent = panels["raw fusion"], panels.get("latent fusion")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     owner = weights.argmax(1, keepdim=True)
@@ -200,7 +198,7 @@ def fuse(checkpoint, data, out, patients: int = 2, count: int = 4, space: str = 
             written.append(_write_scan(img, out / f"fused_{i:03d}_{kind}", dims))
         written.append(_write_scan(owner[i].float() + 1, out / f"fused_{i:03d}_partition", dims, labels=True,
                                    colours=region_colours(owner[i:i + 1])[0]))
-        record.append({"fused": i, "sources": [positions[j] for j in groups[i].tolist()],
+        record.append({"fused": i, "sources": groups[i].tolist(),
                        "patients": [keys[j] for j in groups[i].tolist()],
                        "shares": [round(float(s), 4) for s in weights[i].flatten(1).mean(1)]})
     from .atomic import atomic_write
@@ -208,11 +206,6 @@ def fuse(checkpoint, data, out, patients: int = 2, count: int = 4, space: str = 
     with atomic_write(out / "fusion.json", "w") as f:
         json.dump({"checkpoint": str(ckpt), "patients": patients, "smoothness": smoothness, "seed": seed, "fused": record}, f, indent=2)
     written.append(out / "fusion.json")
-    panels = {f"patient {k + 1}": batch["image"][groups[:, k]] for k in range(min(4, patients))}
-    panels["partition"] = region_colours(owner)
-    panels["raw fusion"] = raw
-    if latent is not None:
-        panels["latent fusion"] = latent
     written.append(write_panels(panels, out / "fusion.png", title=f"{name}: {patients} patients fused ({ckpt.name})"))
     if note:
         print(note, file=sys.stderr)

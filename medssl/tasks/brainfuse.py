@@ -251,11 +251,15 @@ class BrainFuseTask(Task):
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Up to four sources, the partition (one colour per source), the raw fusion and, in
-        latent space, the latent fusion of the same partition: the source document's figures."""
+        """:meth:`panels` of a fixed plan: the source document's figures."""
+        return self.panels(batch, *self.plan(batch, torch.Generator().manual_seed(0)))[0]
+
+    @torch.no_grad()
+    def panels(self, batch: dict, groups: torch.Tensor, part: Partition) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Up to four sources, the partition (one colour per source), the raw fusion and, in latent
+        space, the latent fusion of the same partition; and the voxel weights ``(G, K, *S)``."""
         from ..viz.panels import region_colours
 
-        groups, part = self.plan(batch, torch.Generator().manual_seed(0))
         img = batch[self.image_key].float()
         raw, weights = self.make(batch, groups, part, space="raw")
         panels = {f"patient {k + 1}": img[groups[:, k].to(img.device)] for k in range(min(4, self.n_patients))}
@@ -263,7 +267,7 @@ class BrainFuseTask(Task):
         panels["raw fusion"] = raw.float()
         if self.generator is not None:
             panels["latent fusion"] = self.make(batch, groups, part, space="latent")[0].float()
-        return panels
+        return panels, weights
 
 
 @register_task("raw_brainfuse")
