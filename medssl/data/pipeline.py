@@ -9,7 +9,8 @@ and :mod:`~medssl.data.patches`.
 Three shapes of output, chosen by ``spatial_dims`` and ``source_dims``:
 
 - 3D from 3D: random foreground-weighted patches of ``size`` (``num_samples`` per volume);
-- 2D from 2D: the whole image resized (longest side = ``size``) and padded to a square;
+- 2D from 2D: the whole image resized (longest side = ``size``) and padded to a square, or, with
+  ``binning``, resized into its entry's ``bin_shape`` (:mod:`~medssl.data.binning`);
 - 2D from 3D: random foreground-weighted axial slices, resized and padded the same way.
 """
 
@@ -30,6 +31,8 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple_rep
 
+from ..errors import UserError
+from .binning import BINNING_MODES, FitToBind
 from .fields import KeepFieldsd
 from .intensity import ModalityIntensityd, ToChannelsd
 from .io import LoadMedicalImaged
@@ -52,6 +55,9 @@ class PipelineConfig:
     num_samples: int = 2  # patches / slices drawn per volume per visit (amortises loading)
     fg_threshold: float = 0.05  # intensity in [0, 1] above which a voxel is foreground
     fg_prob: float = 0.9  # share of patches centred on foreground
+    binning: str = "none"  # none | strict | smart: 2D images keep their aspect, resized into their entry's bin_shape
+    max_upscale: float | None = 2.0  # binned images are never enlarged more than this
+
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):
@@ -59,6 +65,11 @@ class PipelineConfig:
         source = self.source_dims or self.spatial_dims
         if source not in (2, 3) or source < self.spatial_dims:
             raise ValueError(f"source_dims {self.source_dims} does not fit spatial_dims {self.spatial_dims}")
+        if self.binning not in BINNING_MODES:
+            raise UserError(f"binning must be one of {', '.join(BINNING_MODES)}, got {self.binning!r}")
+        if self.binning != "none" and not self.spatial_dims == source == 2:
+            raise UserError(f"binning {self.binning!r} is for 2D images of many sizes; {source}D sources train on fixed-size "
+                            "patches or slices (use binning: none)")
 
 
 def build_transforms(config: PipelineConfig | None = None, train: bool = True, **overrides) -> Compose:
@@ -96,6 +107,9 @@ def build_transforms(config: PipelineConfig | None = None, train: bool = True, *
                 SqueezeDimd(keys=k, dim=3)] + to_square
         if not train:
             head, tail = head[:-1], [CenterSpatialCropd(keys=k, roi_size=(-1, -1, 1)), SqueezeDimd(keys=k, dim=3)] + to_square
+    elif cfg.binning != "none":  # each image into its own bin's shape, aspect kept (medssl.data.binning)
+        head += [FitToBind(keys=k, max_upscale=cfg.max_upscale)]
+        tail = []
     else:
         head += to_square
         tail = []

@@ -24,7 +24,7 @@ from ..data.fields import collate_fields
 from ..distributed import is_distributed, world_size
 from ..distributed import rank as this_rank
 
-__all__ = ["derive_seed", "EpochSampler", "SeededDataset", "pretrain_loader"]
+__all__ = ["derive_seed", "EpochSampler", "BinnedBatchSampler", "SeededDataset", "pretrain_loader"]
 
 
 def derive_seed(*keys: int) -> int:
@@ -64,6 +64,73 @@ class EpochSampler(torch.utils.data.Sampler):
         order += order[: len(self) * self.num_replicas - self.size]  # equal share per rank
         mine = order[self.rank:: self.num_replicas]
         return iter([(epoch, start + k, i) for k, i in enumerate(mine[start:])])
+
+
+class BinnedBatchSampler(torch.utils.data.Sampler):
+    """Batches drawn within bins (:mod:`medssl.data.binning`), every item exactly once per epoch over all ranks.
+
+    Each epoch, from ``(seed, epoch)``: every bin's items are shuffled and cut into
+    ``ceil(n / batch_size)`` batches of near-equal size (between about half and ``batch_size``
+    items, never more); while the number of batches is not a multiple of the world size the
+    largest batch is halved; the batches are shuffled and dealt to the ranks in turn. The number of
+    batches per epoch depends only on the bins' sizes, so it is the same every epoch (what the LR
+    schedule and resume count on). Yields lists of :class:`EpochSampler`-style keys
+    ``(epoch, position, index)`` with ``position = step * batch_size + j``, so
+    :class:`SeededDataset` maps items to iterations as with fixed batches.
+
+    Under DDP the ranks' batches of one step may differ in size by a few items; DDP averages the
+    ranks' mean gradients, so such a step weights items slightly unequally.
+    """
+
+    def __init__(self, keys, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        if not keys:
+            raise ValueError("cannot sample from an empty dataset")
+        groups: dict = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(tuple(key) if isinstance(key, list) else key, []).append(i)
+        self.groups = [groups[k] for k in sorted(groups, key=repr)]
+        self.batch_size, self.seed = int(batch_size), seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.sizes = self._batch_sizes()
+        self.epoch, self.start = 0, 0
+
+    def _batch_sizes(self) -> list[list[int]]:
+        """Per bin, the sizes of its batches (deterministic from the bins' sizes alone)."""
+        sizes = [[len(c) for c in np.array_split(np.arange(len(g)), -(-len(g) // self.batch_size))] for g in self.groups]
+        while sum(map(len, sizes)) % self.num_replicas:
+            b, j = max(((b, j) for b, s in enumerate(sizes) for j in range(len(s))), key=lambda bj: sizes[bj[0]][bj[1]])
+            n = sizes[b][j]
+            if n < 2:
+                from ..errors import UserError
+
+                raise UserError(f"{sum(map(len, self.groups))} images cannot be dealt to {self.num_replicas} ranks in whole "
+                                "batches without repeating some; use more images or a larger batch")
+            sizes[b][j:j + 1] = [n - n // 2, n // 2]
+        return sizes
+
+    def __len__(self) -> int:
+        return sum(map(len, self.sizes)) // self.num_replicas
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """At ``epoch``, skipping ``start // batch_size`` of this rank's batches."""
+        self.epoch, self.start = int(epoch), int(start)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of ``epoch`` in dealing order (rank ``r`` gets ``[r::world]``)."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        out = []
+        for group, sizes in zip(self.groups, self.sizes):
+            order = [group[i] for i in torch.randperm(len(group), generator=g).tolist()]
+            ends = np.cumsum([0] + sizes)
+            out += [order[a:b] for a, b in zip(ends[:-1], ends[1:])]
+        return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+
+    def __iter__(self):  # a generator: the epoch is read at the first batch, after the trainer has positioned it
+        epoch, skip = self.epoch, self.start // self.batch_size
+        self.epoch, self.start = epoch + 1, 0
+        for step, batch in enumerate(self.batches(epoch)[self.rank:: self.num_replicas]):
+            if step >= skip:
+                yield [(epoch, step * self.batch_size + j, i) for j, i in enumerate(batch)]
 
 
 def _transform_of(dataset):
@@ -137,11 +204,13 @@ class SeededDataset(torch.utils.data.Dataset):
 
 
 def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: int = 0, drop_last: bool = True,
-                    distributed: bool | None = None, views=None, schedule=None, **kwargs) -> DataLoader:
+                    distributed: bool | None = None, views=None, schedule=None, bins=None, **kwargs) -> DataLoader:
     """A MONAI ``DataLoader`` with an :class:`EpochSampler` over a :class:`SeededDataset`.
 
     ``distributed=None`` shards over ranks when ``torch.distributed`` is initialised. ``views`` and
     ``schedule``: per-task view pipelines and the schedule choosing among them (see :class:`SeededDataset`).
+    ``bins``: one bin key per item (``BinPlan.keys``): batches are then drawn within bins by a
+    :class:`BinnedBatchSampler` (``None``: fixed-size batches of any items).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
@@ -150,11 +219,17 @@ def pretrain_loader(dataset, batch_size: int = 8, num_workers: int = 0, seed: in
     if distributed is None:
         distributed = is_distributed()
     world, rank = (world_size(), this_rank()) if distributed else (1, 0)
+    kwargs.setdefault("collate_fn", collate_fields)
+    if bins is not None:
+        if len(bins) != len(dataset):
+            raise ValueError(f"{len(bins)} bin keys for {len(dataset)} items")
+        batches = BinnedBatchSampler(list(bins), batch_size, seed=seed, num_replicas=world, rank=rank)
+        seeded = SeededDataset(dataset, seed, views=views, schedule=schedule, batch_size=batch_size, steps_per_epoch=len(batches))
+        return DataLoader(seeded, batch_sampler=batches, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs)
     if len(dataset) // world < batch_size and drop_last:
         batch_size = max(1, len(dataset) // world)  # a tiny dataset still gives one full batch per epoch
     sampler = EpochSampler(len(dataset), seed=seed, num_replicas=world, rank=rank)
     steps = len(sampler) // batch_size if drop_last else -(-len(sampler) // batch_size)
     seeded = SeededDataset(dataset, seed, views=views, schedule=schedule, batch_size=batch_size, steps_per_epoch=steps)
-    kwargs.setdefault("collate_fn", collate_fields)
     return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=num_workers > 0, **kwargs)

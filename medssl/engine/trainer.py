@@ -30,7 +30,7 @@ from monai.utils.enums import CommonKeys as Keys
 from ..distributed import rank
 from ..tasks.base import Task
 from .checkpoint import unwrap
-from .determinism import EpochSampler, derive_seed
+from .determinism import BinnedBatchSampler, EpochSampler, derive_seed
 from .multitask import MultiTask
 
 __all__ = ["PretrainTrainer", "autocast_dtype", "prepare_task_batch"]
@@ -144,13 +144,16 @@ class PretrainTrainer(SupervisedTrainer):
         if self._positioned:
             return
         self._positioned = True
-        sampler = getattr(self.data_loader, "sampler", None)
-        if not isinstance(sampler, EpochSampler):
+        sampler, size = getattr(self.data_loader, "sampler", None), self.data_loader.batch_size
+        if isinstance(getattr(self.data_loader, "batch_sampler", None), BinnedBatchSampler):
+            sampler = self.data_loader.batch_sampler
+            size = sampler.batch_size
+        if not isinstance(sampler, (EpochSampler, BinnedBatchSampler)):
             if engine.state.iteration:
                 logger.warning("resuming with a loader that has no EpochSampler: the data order will not replay exactly")
             return
         done_in_epoch = engine.state.iteration % engine.state.epoch_length
-        sampler.set_position(engine.state.epoch - 1, done_in_epoch * self.data_loader.batch_size)
+        sampler.set_position(engine.state.epoch - 1, done_in_epoch * size)
 
     # -- one step -------------------------------------------------------------------------
     def _bad_step(self, iteration: int, what: str) -> dict[str, float]:
