@@ -15,8 +15,9 @@ depends on the aspects alone, and the smaller files keep the set's loading time 
 For pad-to-square (the default pipeline), strict binning and smart binning, over one epoch:
 the share of tokens that are padding (outside the image), the share that is background (patches
 with no pixel above MAE's ``background_threshold``: padding plus black borders, what MAE drops
-before the encoder), images discarded, and MAE training samples/s and image tokens/s (tokens
-inside images, per second) with the tiny ViT.
+before the encoder), images discarded, MAE training samples/s and image tokens/s (tokens
+inside images, per second) with the tiny ViT, and the samples/s of a whole-image encoder step
+(every token forward and backward: what box queries, latent fusion and embeddings pay).
 
     python bench/binning.py                               # print the table
     python bench/binning.py --markdown docs/benchmarks.md # and record it there
@@ -93,6 +94,7 @@ def measure(entries, mode: str, size: int, patch: int, batch_size: int, n_bins: 
     from medssl.engine import MultiTask, PretrainTrainer, pretrain_loader
     from medssl.data.pipeline import build_transforms
     from medssl.models import ViT
+    from medssl.engine.trainer import autocast_dtype
     from medssl.tasks import MAETask
 
     plan = plan_bins(entries, mode, n_bins=n_bins, size=size, multiple=patch, batch_size=batch_size, log=False)
@@ -133,9 +135,28 @@ def measure(entries, mode: str, size: int, patch: int, batch_size: int, n_bins: 
     trainer.run()
     seconds = time.perf_counter() - done["t0"]
     image_tokens = done["tokens"] * (1 - padding / tokens)
+    # what a task that encodes the whole image pays (box queries, latent fusion, embeddings): every token, forward + backward
+    batches = []
+    while len(batches) < steps + 2:  # as many epochs as the steps need
+        batches += [b["image"] for _, b in zip(range(steps + 2 - len(batches)), loader)]
+    full = ViT(2, 1, patch_size=patch, size="tiny", window_size=0)
+    opt = torch.optim.AdamW(full.parameters(), lr=1e-4)
+    dtype = autocast_dtype("cpu", "auto")
+    for i, x in enumerate(batches):
+        if i == 2:
+            t0, n_full = time.perf_counter(), 0
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = full(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            n_full += x.shape[0]
+    full_s = n_full / (time.perf_counter() - t0)
     return {"mode": mode, "bins": len(plan.bin_shapes) if mode != "none" else 1, "images": images, "dropped": plan.n_dropped,
             "tokens": tokens, "padding": padding / tokens, "background": background / tokens,
-            "samples_s": done["images"] / seconds, "image_tokens_s": image_tokens / seconds,
+            "samples_s": done["images"] / seconds, "image_tokens_s": image_tokens / seconds, "full_s": full_s,
+            "mean_batch": done["images"] / max(1, done["n"] - 2),
             "bin_report": plan.report()}
 
 
@@ -161,7 +182,8 @@ def main() -> None:
         r = measure(entries, mode, args.size, args.patch, args.batch_size, args.bins, args.steps)
         rows.append(r)
         print(f"{mode:6} padding {r['padding']:.3f} background {r['background']:.3f} dropped {r['dropped']:4d} "
-              f"{r['samples_s']:.2f} samples/s {r['image_tokens_s']:.0f} image tokens/s  [{r['bin_report']}]", flush=True)
+              f"{r['samples_s']:.2f} samples/s {r['image_tokens_s']:.0f} image tokens/s full-grid {r['full_s']:.2f} samples/s "
+              f"[{r['bin_report']}]", flush=True)
     from medssl.engine.trainer import autocast_dtype
 
     amp = autocast_dtype("cpu", "auto")
@@ -171,10 +193,10 @@ def main() -> None:
              f"photographs), longest side {args.size}, patch {args.patch}, batch {args.batch_size}; MAE (ViT-tiny, global "
              f"attention) for {args.steps} timed steps; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"autocast {amp}.", "",
-             "| batching | bins | images trained | discarded | padding tokens | background tokens (padding + borders) | "
-             "samples/s | image tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    table += [f"| {names[r['mode']]} | {r['bins']} | {r['images']} | {r['dropped']} | {r['padding']:.1%} | {r['background']:.1%} | "
-              f"{r['samples_s']:.2f} | {r['image_tokens_s']:.0f} |" for r in rows]
+             "| batching | bins | images per epoch | discarded | mean batch | padding tokens | background tokens (padding + borders) | "
+             "MAE samples/s | MAE image tokens/s | whole-image encoder samples/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {names[r['mode']]} | {r['bins']} | {r['images']} | {r['dropped']} | {r['mean_batch']:.1f} | {r['padding']:.1%} | "
+              f"{r['background']:.1%} | {r['samples_s']:.2f} | {r['image_tokens_s']:.0f} | {r['full_s']:.2f} |" for r in rows]
     get = {r["mode"]: r for r in rows}
     table.append(f"\nSmart binning spends {get['none']['padding'] / max(get['smart']['padding'], 1e-9):.1f}x fewer tokens on padding "
                  f"than pad-to-square (target >= 2x) and discards {get['smart']['dropped']} images; strict binning discards "

@@ -88,9 +88,11 @@ def _embed(args) -> int:
     known, _ = config_settings(bundle_config(bundle, "inference"))
     overrides.update({k: v for k, v in data_overrides(args.data).items() if k not in overrides and k in known})
     overrides.update(dataset_dir=str(Path(args.data).resolve()), ckpt_path=str(ckpt), embeddings_file=str(Path(args.out).resolve()),
-                     pooling=args.pooling, output_dir=str(Path(args.out).resolve().parent), **parse_sets(args.set))
+                     pooling=args.pooling, output_dir=str(Path(args.out).resolve().parent), split=args.split,
+                     embeddings_table=args.table, progress=not args.quiet, **parse_sets(args.set))
     run_bundle(bundle, "inference", overrides)
-    print(f"wrote {args.out}")
+    table = "" if args.table == "none" else f" and {Path(args.out).with_suffix('.' + args.table)}"
+    print(f"wrote {args.out}{table}")
     return 0
 
 
@@ -257,11 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other bundle setting, e.g. --set mask_ratio=0.6")
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("embed", help="write one embedding per image to an .npz with a pretrained encoder")
+    p = sub.add_parser("embed", help="write one embedding per image (every split) to an .npz and a .csv / .parquet table")
     p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")
-    p.add_argument("--data", required=True, help="folder of images, datalist .json or MedMNIST .npz")
-    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--data", required=True, help="folder of images, datalist .json, CSV or MedMNIST .npz")
+    p.add_argument("--out", required=True, help="the .npz to write; the table goes beside it (same name, .csv / .parquet)")
     p.add_argument("--pooling", choices=("cls", "mean", "flatten"), default="mean")
+    p.add_argument("--split", default="all", help="all (default: every split / entry list), or train, val, test")
+    p.add_argument("--table", choices=("csv", "parquet", "none"), default="csv", help="the table's format (default csv)")
     p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_embed)

@@ -80,8 +80,18 @@ def test_pretrain_resume_and_embed_on_a_medmnist_npz(tmp_path, spatial_dims, bun
     assert (run / "models" / "checkpoint_00000006.pt").is_file()  # 3 steps per epoch, continued to epoch 2
     out = tmp_path / "emb.npz"
     assert main(["-q", "embed", "--checkpoint", str(run / "models" / "model.pt"), "--data", str(data), "--out", str(out)]) == 0
-    emb = np.load(out)
-    assert emb["embeddings"].shape == (24, 48) and emb["label"].shape == (24,)
+    emb = np.load(out)  # every split: 24 train + 8 val rows, with the split, a stable id and the label
+    assert emb["embeddings"].shape == (32, 48) and emb["label"].shape == (32,)
+    assert emb["split"].tolist() == ["train"] * 24 + ["val"] * 8 and len(set(emb["id"].tolist())) == 32
+    with np.load(data) as z:
+        assert emb["label"].tolist() == z["train_labels"][:, 0].tolist() + z["val_labels"][:, 0].tolist()
+    import pandas as pd
+
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert list(table.columns[:5]) == ["id", "split", "label", "source", "patient"] and table.shape == (32, 5 + 48)
+    assert (table["source"] == "tiny").all() and table["id"].tolist() == emb["id"].tolist()
+    np.testing.assert_allclose(table[[f"e{i}" for i in range(48)]].to_numpy(), emb["embeddings"], rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "emb.npz.parts").exists()
 
 
 def test_pretrain_and_embed_errors(tmp_path, capsys):

@@ -113,6 +113,28 @@ def hold_out(entries: Sequence[dict], fraction: float, seed: int = 0) -> tuple[l
     return [e for e, k in zip(entries, keys) if k not in held], [e for e, k in zip(entries, keys) if k in held]
 
 
+_SPLIT_NAMES = {"training": "train", "validation": "val", "testing": "test"}
+
+
+def _datalist_splits(path: str) -> list[dict]:
+    """Every list of entries in a datalist (``training``, ``validation``, ``test``, ...), each entry with its ``split``."""
+    content = json.loads(Path(path).read_text())
+    keys = [k for k, v in content.items() if isinstance(v, list) and v and all(isinstance(e, dict) and "image" in e for e in v)] \
+        if isinstance(content, dict) else []
+    if not keys:
+        return load_datalist(path)  # its error names what is wrong
+    return [dict(e, split=e.get("split") or _SPLIT_NAMES.get(k, k)) for k in keys for e in load_datalist(path, k)]
+
+
+def _stable_key(entry: dict, root: str | None) -> str:
+    """What an entry's ``id`` hashes: its MedMNIST ``name:split:index``, else its image path relative to the source."""
+    image = entry.get("image")
+    if not isinstance(image, (str, os.PathLike, list)):
+        return str(entry.get("patient"))
+    first = os.fspath(image[0] if isinstance(image, list) else image)
+    return os.path.relpath(first, root) if root and os.path.isabs(first) else first
+
+
 def load_source(source, spatial_dims: int | None = None, split: str = "train", salt: str | None = None,
                 min_size: int | None = None) -> list[dict]:
     """Entries from a datalist ``.json``, a MedMNIST ``.npz``, a folder (scanned now), a CSV or a list.
@@ -125,7 +147,9 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
 
     Args:
         spatial_dims: keep only entries of this dimensionality (``None`` keeps all).
-        split: the MedMNIST split to read.
+        split: the MedMNIST split to read, or ``"all"``: every split of a MedMNIST archive and every
+            entry list of a datalist (``training``, ``validation``, ``test``), each entry with its
+            ``split`` (what embeddings for pipelines need).
         min_size: the training patch edge: 3D volumes thinner than it along an axis are reported
             (they train mostly on padding).
     """
@@ -147,11 +171,12 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
                 logger.warning("%s: %d file(s) left out: %s (`medssl scan %s` lists each with its reason)", path,
                                len(result.skipped), ", ".join(f"{n} x {k}" for k, n in kinds.most_common()), path)
         elif path.endswith(".npz"):
-            from .medmnist import load_medmnist
+            from .medmnist import load_medmnist, medmnist_splits
 
-            entries = load_medmnist(path, split=split)
+            splits = (medmnist_splits(path) or ["train"]) if split == "all" else [split]
+            entries = [dict(e, split=s) for s in splits for e in load_medmnist(path, split=s)]
         elif path.endswith(".json"):
-            entries = load_datalist(path)
+            entries = _datalist_splits(path) if split == "all" else load_datalist(path)
         elif path.endswith(".csv"):
             entries = _load_table(path)
         elif not os.path.exists(path):
@@ -160,6 +185,12 @@ def load_source(source, spatial_dims: int | None = None, split: str = "train", s
             raise ValueError(f"{path}: expected a folder, a datalist .json or a MedMNIST .npz")
     entries = [e if e.get("patient") else dict(e, patient=patient_hash(
         str(e["image"]) if isinstance(e.get("image"), (str, os.PathLike)) else f"item:{i}", salt)) for i, e in enumerate(entries)]
+    if not isinstance(source, (list, tuple)):  # a stable salted id per image, and where it came from, for tables
+        path = os.fspath(source)
+        root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        entries = [dict(e, id=e.get("id") or patient_hash("id\x00" + _stable_key(e, root), salt), source=e.get("source") or name)
+                   for e in entries]
     if spatial_dims is not None:
         kept = [e for e in entries if e.get("spatial_dims", spatial_dims) == spatial_dims]
         if len(kept) < len(entries):
