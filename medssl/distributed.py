@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "gather", "mean_over_ranks"]
+__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "gather", "mean_over_ranks", "sync_batch_norm"]
 
 
 def is_distributed() -> bool:
@@ -46,3 +46,24 @@ def mean_over_ranks(z: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(z)
         z /= world_size()
     return z
+
+
+def sync_batch_norm(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """``module`` with its BatchNorm layers synchronised over ranks (``torch.nn.SyncBatchNorm``).
+
+    Done when ``enabled``, more than one process runs and the module's parameters are on a device
+    SyncBatchNorm supports (CUDA / XPU); on CPU (gloo) PyTorch has no SyncBatchNorm, so the
+    statistics stay each rank's own, which is said once in the log. Call it before wrapping the
+    module in ``DistributedDataParallel``.
+    """
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    if not (enabled and has_bn and world_size() > 1):
+        return module
+    device = next(module.parameters()).device
+    if device.type not in ("cuda", "xpu"):
+        import logging
+
+        if rank() == 0:
+            logging.getLogger(__name__).info("BatchNorm statistics stay per rank: SyncBatchNorm needs a GPU (device %s)", device)
+        return module
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)

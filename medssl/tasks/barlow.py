@@ -5,8 +5,9 @@ Views come from the data pipeline (``batch["views"]``, ``(B, 2, C, *S)``). The p
 paper's: 3 linear layers, BatchNorm and ReLU between them. Under DDP the embeddings of every rank
 are gathered (with gradients) before the loss, so the per-feature standardisation and the
 cross-correlation matrix are the global batch's, as the paper's code gets by all-reducing the
-matrix. The projector's BatchNorm statistics stay each rank's own (no SyncBatchNorm, which is
-CUDA-only): use a per-rank batch of at least a few dozen.
+matrix. The bundles' DDP overlay makes the projector's BatchNorm a ``SyncBatchNorm`` on GPUs
+(:func:`medssl.distributed.sync_batch_norm`); on CPU (gloo) PyTorch has none, so there the
+statistics stay each rank's own: use a per-rank batch of at least a few dozen.
 """
 
 from __future__ import annotations
