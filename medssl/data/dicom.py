@@ -36,9 +36,13 @@ class UnreadableFile(Exception):
     """A file that cannot be used; ``str(exc)`` is the reason shown to the user."""
 
 
-@dataclass
+@dataclass(slots=True)
 class DicomFile:
-    """The header facts of one DICOM file that scanning needs (pixels are not read)."""
+    """The header facts of one DICOM file that scanning needs (pixels are not read).
+
+    A scan holds one per DICOM file until the series are grouped, so it is kept small: slots, and
+    the values files of one series share (UIDs, patient, orientation, ...) interned by :func:`_shared`.
+    """
 
     path: str
     series_uid: str
@@ -164,22 +168,36 @@ def read_dicom_header(path: str, force: bool = False) -> DicomFile:
     patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or ds.get("StudyInstanceUID", "") or "unknown")
     return DicomFile(
         path=path,
-        series_uid=str(ds.get("SeriesInstanceUID", "") or f"no-series:{path}"),
-        modality=modality,
-        patient_id=patient,
+        series_uid=_shared(str(ds.get("SeriesInstanceUID", "") or f"no-series:{path}")),
+        modality=_shared(modality),
+        patient_id=_shared(patient),
         rows=rows,
         cols=cols,
         frames=frames,
         samples=samples,
-        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+        photometric=_shared(str(ds.get("PhotometricInterpretation", "MONOCHROME2"))),
         position=_floats(ds.get("ImagePositionPatient"), 3),
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        pixel_spacing=spacing,
-        image_type=tuple(str(t).upper() for t in (ds.get("ImageType") or ())),
-        echo=str(ds.get("EchoNumbers", "") or ""),
-        temporal=str(ds.get("TemporalPositionIdentifier", "") or ""),
-        notes=tuple(notes),
+        orientation=_shared(_floats(ds.get("ImageOrientationPatient"), 6)),
+        pixel_spacing=_shared(spacing),
+        image_type=_shared(tuple(str(t).upper() for t in (ds.get("ImageType") or ()))),
+        echo=_shared(str(ds.get("EchoNumbers", "") or "")),
+        temporal=_shared(str(ds.get("TemporalPositionIdentifier", "") or "")),
+        notes=_shared(tuple(notes)),
     )
+
+
+_SHARED: dict = {}
+
+
+def _shared(value):
+    """One object for equal header values (the files of a series repeat them), so 100,000 headers cost little more
+    than their paths and positions. Bounded: past 100,000 distinct values new ones are kept as they are."""
+    if value is None:
+        return None
+    try:
+        return _SHARED.setdefault(value, value) if len(_SHARED) < 100_000 or value in _SHARED else value
+    except TypeError:  # an unhashable value
+        return value
 
 
 def _int(value, default: int = 1) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class ScanResult:
     entries: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     documents: int = 0  # text files (csv, json, txt ...) passed over
+    files: int = 0  # files examined
+    seconds: float = 0.0  # how long the scan took
 
     def summary(self) -> str:
         """A plain-text table: entries per modality and dimensionality, skipped files per reason."""
@@ -58,6 +61,8 @@ class ScanResult:
             lines.append(f"{mod:<10}{counts[(mod, 2)]:>6}{counts[(mod, 3)]:>6}")
         lines.append(f"{'total':<10}{sum(c for (_, d), c in counts.items() if d == 2):>6}"
                      f"{sum(c for (_, d), c in counts.items() if d == 3):>6}")
+        if self.seconds:
+            lines.append(f"\n{self.files} files examined in {self.seconds:.1f} s ({self.files / self.seconds:.0f} files/s)")
         warned = [e for e in self.entries if e.get("warnings")]
         if warned:
             lines.append(f"\n{len(warned)} entr{'y' if len(warned) == 1 else 'ies'} kept with warnings:")
@@ -304,6 +309,31 @@ def _walk(root: str, exclude: set[str]) -> tuple[list[str], list[dict]]:
     return paths, skipped
 
 
+def _plain_progress(items, total: int, desc: str, lines: int = 10):
+    """``items`` passed through, with a plain line (count, files/s) every ``1 / lines`` of ``total``: logs, batch jobs."""
+    import time
+
+    t0, every = time.perf_counter(), max(1, total // lines)
+    for i, item in enumerate(items, 1):
+        if i % every == 0 or i == total:  # before the item: a consumer may stop at the last one
+            print(f"{desc}: {i}/{total} files ({i / max(time.perf_counter() - t0, 1e-9):.0f} files/s)", file=sys.stderr, flush=True)
+        yield item
+
+
+def _bounded_map(pool, fn, jobs, window: int):
+    """``pool.map(fn, jobs)`` in order with at most ``window`` jobs in flight (``Executor.map`` submits all of them
+    first: 100,000 futures and their results held at once)."""
+    from collections import deque
+
+    pending = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, job))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _printable(path: str) -> str:
     """``path`` with undecodable bytes shown as ``\\xNN`` escapes (so it can be printed and written to JSON)."""
     return os.fsencode(path).decode("utf-8", errors="backslashreplace")
@@ -342,15 +372,20 @@ def scan_folder(
     if not os.path.isdir(root):
         raise NotADirectoryError(f"scan: {root} is a file; give the folder that contains it")
     salt = default_salt() if salt is None else salt  # once, before the worker threads start
+    import time
+
+    started = time.perf_counter()
     paths, unreachable = _walk(root, {os.path.abspath(p) for p in exclude})
-    result = ScanResult(skipped=unreachable)
+    result = ScanResult(skipped=unreachable, files=len(paths))
     dicoms: list[DicomFile] = []
     if patient_from not in ("file", "folder"):
         raise ValueError(f"patient_from must be 'file' or 'folder', got {patient_from!r}")
-    jobs = [(p, root, salt, modality, patient_from) for p in paths]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        outcomes = tqdm(pool.map(_examine, jobs), total=len(jobs), desc=f"scanning {root}", unit="file",
-                        disable=not progress)
+        outcomes = _bounded_map(pool, _examine, ((p, root, salt, modality, patient_from) for p in paths), 64 * max(1, workers))
+        if progress and sys.stderr.isatty():
+            outcomes = tqdm(outcomes, total=len(paths), desc=f"scanning {root}", unit="file")
+        elif progress:
+            outcomes = _plain_progress(outcomes, len(paths), f"scanning {root}")
         for path, (kind, value) in zip(paths, outcomes):
             if kind == "entry":
                 result.entries.append(value)
@@ -379,6 +414,7 @@ def scan_folder(
             entry["warnings"] = s.warnings
         result.entries.append(entry)
     result.entries.sort(key=lambda e: _show(e["image"]))
+    result.seconds = time.perf_counter() - started
     return result
 
 

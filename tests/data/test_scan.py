@@ -229,3 +229,42 @@ def test_volumes_thinner_than_the_patch_are_reported(phantoms, caplog):
     with caplog.at_level(logging.WARNING):
         load_source(phantoms / "ct_nifti", spatial_dims=3, min_size=32)
     assert "2 of 2 volumes are thinner than the 32-voxel training patch" in caplog.text  # 20 slices deep
+
+
+def test_headers_are_read_in_order_with_a_bounded_number_in_flight():
+    """100,000 files must not mean 100,000 futures and results held at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medssl.data.scan import _bounded_map
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def job(i):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        with lock:
+            state["now"] -= 1
+        return i * i
+
+    submitted = []
+
+    def jobs():
+        for i in range(500):
+            submitted.append(i)
+            yield i
+
+    with ThreadPoolExecutor(4) as pool:
+        out = []
+        for value in _bounded_map(pool, job, jobs(), window=16):
+            assert len(submitted) - len(out) <= 16  # never more than the window submitted ahead of what was consumed
+            out.append(value)
+    assert out == [i * i for i in range(500)]
+
+
+def test_scan_reports_its_speed_and_prints_plain_progress_lines_off_a_terminal(phantoms, capsys):
+    result = scan_folder(phantoms, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and f"{result.files}/{result.files} files (" in err and "files/s)" in err
+    assert result.files > 0 and result.seconds > 0 and "files examined in" in result.summary()
