@@ -167,7 +167,7 @@ def main() -> None:
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bins", type=int, default=4)
-    p.add_argument("--steps", type=int, default=12, help="timed MAE steps per strategy")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per strategy")
     p.add_argument("--markdown", default=None)
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
