@@ -96,6 +96,20 @@ def _embed(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from .workflows import prepare
+
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"{args.data} does not exist")
+    counts = prepare(args.bundle, args.data, args.cache, _pretrain_overrides(args), workers=args.workers if args.workers is not None else 2,
+                     progress=not args.quiet)
+    total = counts["written"] + counts["present"] + counts["unreadable"]
+    print(f"{args.cache}: {counts['written']} item(s) written, {counts['present']} already there, {counts['unreadable']} unreadable "
+          f"(of {total}, {counts['seconds']:.1f} s)\ntrain with: medssl pretrain --bundle {args.bundle} --data {args.data} "
+          f"--set cache=disk --set cache_dir={Path(args.cache).resolve()} (and the same other settings)")
+    return 0 if total and counts["unreadable"] < total else 1
+
+
 def _plan(args):
     from .eval.protocol import EvalPlan
 
@@ -258,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other bundle setting, e.g. --set mask_ratio=0.6")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("prepare", help="fill a shared preprocessed cache (cache: disk) ahead of training")
+    p.add_argument("data", help="folder of images, datalist .json or CSV")
+    p.add_argument("--cache", required=True, help="the cache folder (share it between runs and ranks)")
+    p.add_argument("--bundle", default="mae_ct_3d", help="the bundle whose transforms the cache holds (default mae_ct_3d)")
+    p.add_argument("--workers", type=int, help="processes filling the cache (default 2)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="other settings of the training run (e.g. --set pixdim=1.5)")
+    p.set_defaults(func=_prepare, max_epochs=None, batch_size=None, size=None, patch_size=None, seed=None)
 
     p = sub.add_parser("embed", help="write one embedding per image (every split) to an .npz and a .csv / .parquet table")
     p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")

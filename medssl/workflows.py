@@ -11,11 +11,14 @@ and what ``bench/`` scripts and notebooks call.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 __all__ = ["pretrain", "evaluate", "fuse", "parse_sets", "private_path", "check_dimensionality"]
 
+
+logger = logging.getLogger(__name__)
 
 def parse_sets(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings -> overrides; values parse as YAML (numbers, null, lists)."""
@@ -238,3 +241,65 @@ def _write_scan(img, stem: Path, dims: int, labels: bool = False, colours=None) 
     with atomic_write(path) as f:
         Image.fromarray(array).save(f, format="PNG")
     return path
+
+
+def prepare(bundle: str, data: str | Path, cache_dir: str | Path, overrides: dict | None = None, workers: int = 2,
+            progress: bool = True) -> dict:
+    """Fill the shared disk cache (``cache: disk``) for ``data`` with bundle ``bundle``'s deterministic transforms.
+
+    The items are exactly those a training run with the same settings reads: train with
+    ``--set cache=disk --set cache_dir=CACHE_DIR`` (and the same other settings) and every item is a cache hit.
+    Items already cached are left alone, files that cannot be read are reported and skipped, and
+    ``workers`` processes fill the cache side by side (each file written atomically).
+    Returns the counts: ``written``, ``present``, ``unreadable`` (with ``reasons``), ``seconds``.
+    """
+    import time
+
+    import torch
+
+    from .bundles import bundle_parser
+    from .data.cache import SharedCacheDataset
+    from .data.io import describe, root_cause
+
+    settings = {**(overrides or {}), "dataset_dir": str(Path(data).resolve()), "cache": "disk", "cache_dir": str(Path(cache_dir).resolve())}
+    from .bundle_settings import check_known, config_settings
+    from .bundles import bundle_config
+
+    check_known(settings, *config_settings(bundle_config(bundle)), where=f"bundle {bundle}")
+    parser = bundle_parser(bundle, settings)
+    entries = parser.get_parsed_content("train#entries", lazy=False)
+    transform = parser.get_parsed_content("train#preprocessing", lazy=False)
+    cache = SharedCacheDataset(entries, transform, cache_dir)
+
+    class _Fill(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(cache)
+
+        def __getitem__(self, i):
+            try:
+                return i, "written" if cache.prepare(i) else "present", ""
+            except Exception as exc:
+                return i, "unreadable", f"{describe(cache.data[i].get('image'))}: {root_cause(exc)}"
+
+    loader = torch.utils.data.DataLoader(_Fill(), batch_size=None, num_workers=max(0, int(workers)))
+    counts = {"written": 0, "present": 0, "unreadable": 0, "reasons": []}
+    started, every = time.perf_counter(), max(1, len(cache) // 10)
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cache), desc=f"preparing {cache_dir}", unit="item")
+    for done, (_, status, reason) in enumerate(loader, 1):
+        counts[status] += 1
+        if reason:
+            counts["reasons"].append(reason)
+            logger.warning("skipping %s", reason)
+        if bar is not None:
+            bar.update()
+        elif progress and (done % every == 0 or done == len(cache)):
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            print(f"preparing {cache_dir}: {done}/{len(cache)} items ({rate:.1f} items/s)", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
+    counts["seconds"] = time.perf_counter() - started
+    return counts

@@ -2,7 +2,7 @@
 
 ``load_source`` accepts what a user points medssl at (a datalist JSON, a MedMNIST ``.npz``, a
 folder to scan, or a list of entries); ``build_dataset`` wraps MONAI's ``Dataset`` /
-``CacheDataset`` / ``PersistentDataset`` so that an unreadable file is reported once and the
+``CacheDataset`` / a shared disk cache so that an unreadable file is reported once and the
 sample is replaced by the next readable one: batches stay full and a run never dies because one
 file in thousands is corrupt.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset
 
 from ..errors import UserError
 from .fields import collate_fields
@@ -273,7 +273,8 @@ def build_dataset(entries: Sequence[dict], transform, cache: str | None = None, 
     Args:
         cache: ``None`` (load every time), ``"memory"`` (``CacheDataset``: the deterministic head of
             ``transform`` runs once per entry, in ``num_workers`` threads) or ``"disk"``
-            (``PersistentDataset`` in ``cache_dir``: survives restarts, fits data larger than RAM).
+            (:class:`~medssl.data.cache.SharedCacheDataset` in ``cache_dir``: survives restarts, fits data
+            larger than RAM, shared by ranks and runs, re-reads files that changed).
     """
     if not entries:
         raise ValueError("no entries to build a dataset from (empty datalist, or none of the requested dimensionality)")
@@ -287,7 +288,9 @@ def build_dataset(entries: Sequence[dict], transform, cache: str | None = None, 
     elif cache == "disk":
         if cache_dir is None:
             raise ValueError("cache='disk' needs a cache_dir")
-        ds = PersistentDataset(list(entries), transform, cache_dir=cache_dir)
+        from .cache import SharedCacheDataset
+
+        ds = SharedCacheDataset(list(entries), transform, cache_dir=cache_dir)
     else:
         raise ValueError(f"cache must be None, 'memory' or 'disk', got {cache!r}")
     return SkipUnreadable(ds)
