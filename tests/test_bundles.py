@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -251,3 +252,45 @@ def test_a_cyclic_mae_dino_jigsaw_box_run_through_monai_bundle_run_draws_each_ta
     assert all(f"{t}/loss" in logged for t in ("mae", "dino", "jigsaw", "box")) and "mean_iou" in logged
     import re  # the box task scored every epoch on the held-out volume it never trained on
     assert len(re.findall(r"validation on 1 held-out images: box/val_mean_iou [0-9.e-]+  box/val_iou_above_half", logged)) == 4
+
+
+def test_smart_binning_and_embedding_every_split_through_monai_bundle_run(tmp_path):
+    """The user's path for #17: `python -m monai.bundle run` trains MAE on radiographs of four shapes with smart bins,
+    then the inference config embeds every image into an .npz and a .csv table."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from medssl.data.scan import scan_folder, write_datalist
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(24):
+        h, w = [(300, 300), (400, 200), (200, 400), (360, 240)][i % 4]
+        img = (rng.random((h, w)) * 255).astype(np.uint8)
+        img[:, :12] = 0  # a black border
+        Image.fromarray(img).save(tmp_path / "imgs" / f"im{i:03d}.png")
+    datalist = write_datalist(scan_folder(tmp_path / "imgs", progress=False, salt="t"), tmp_path / "imgs.json")
+    configs = bundle_root("mae_xray_2d") / "configs"
+    env = {**os.environ, "MEDSSL_SALT": "t"}
+    common = ["--dataset_dir", str(datalist), "--output_dir", str(tmp_path / "run"), "--vit_size", "micro", "--image_size", "32",
+              "--patch_size", "8", "--window_size", "0"]
+    train = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "train.yaml"), *common,
+                            "--binning", "smart", "--n_bins", "3", "--batch_size", "4", "--max_epochs", "1", "--cache", "none"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    logged = train.stdout + train.stderr
+    assert re.search(r"binning: smart, 3 bin\(s\): ", logged), logged[-2000:]
+    assert (tmp_path / "run" / "models" / "model.pt").is_file()
+    emb = tmp_path / "run" / "emb.npz"
+    infer = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "inference.yaml"), *common,
+                            "--ckpt_path", str(tmp_path / "run" / "models" / "model.pt"), "--embeddings_file", str(emb)],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    import pandas as pd
+
+    table = pd.read_csv(emb.with_suffix(".csv"))
+    assert len(table) == 24 and table["id"].is_unique and (table["split"] == "train").all() and (table["label"] == -1).all()
+    assert np.load(emb)["embeddings"].shape == (24, 48)

@@ -132,3 +132,19 @@ def test_two_nodes_end_identical_equal_one_process_and_resume_exactly(tmp_path):
         state = torch.load(tmp_path / "resumed" / f"rank{r}.pt", weights_only=True)
         for k in rank0:
             assert torch.equal(state[k], rank0[k]), (r, k)
+
+
+def test_sync_batch_norm_leaves_cpu_modules_and_single_processes_alone(monkeypatch, caplog):
+    import logging
+
+    import medssl.distributed as dist
+    from medssl.distributed import sync_batch_norm
+
+    head = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    assert sync_batch_norm(head) is head and isinstance(head[1], torch.nn.BatchNorm1d)  # one process: nothing to sync
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with caplog.at_level(logging.INFO, logger="medssl.distributed"):
+        assert sync_batch_norm(head) is head and isinstance(head[1], torch.nn.BatchNorm1d)  # gloo on CPU: no SyncBatchNorm
+    assert "SyncBatchNorm needs a GPU" in caplog.text
+    no_bn = torch.nn.Linear(2, 2)
+    assert sync_batch_norm(no_bn) is no_bn
