@@ -32,6 +32,7 @@ from torch import nn
 from ..distributed import mean_over_ranks
 from ..models.base import batch_context
 from .base import Task, register_task
+from .ema import ema_momentum, ema_update  # noqa: F401  (re-exported: the EMA lives in ema.py)
 from .heads import DINOHead
 
 __all__ = ["DINOTask", "koleo_loss", "normalised_entropy", "teacher_temperature", "ema_momentum", "ema_update"]
@@ -42,20 +43,6 @@ def teacher_temperature(progress: float, warmup_temp: float, temp: float, warmup
     if warmup <= 0 or progress >= warmup:
         return temp
     return warmup_temp + (temp - warmup_temp) * progress / warmup
-
-
-def ema_momentum(progress: float, base: float) -> float:
-    """Cosine schedule of the teacher momentum: ``base`` at the start, 1 at the end."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
-
-
-@torch.no_grad()
-def ema_update(teacher, student, momentum: float) -> None:
-    """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter (modules or parameter lists)."""
-    teachers = teacher.parameters() if hasattr(teacher, "parameters") else teacher
-    students = student.parameters() if hasattr(student, "parameters") else student
-    for t, s in zip(teachers, students):
-        t.lerp_(s.detach(), 1.0 - momentum)
 
 
 def normalised_entropy(p: torch.Tensor) -> torch.Tensor:

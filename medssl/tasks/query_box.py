@@ -32,7 +32,7 @@ from ..models.blocks import CrossBlock
 from ..models.position import sincos_position_embedding
 from .base import Task, register_task
 from .box_matching import box_losses, centre_size_to_corners, corners_to_centre_size, group_mask, match, matched_iou
-from .dino import ema_momentum, ema_update
+from .ema import ema_momentum, ema_update
 
 __all__ = ["QueryBoxTask"]
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from medssl.models import ViT
 from medssl.models.base import Encoder, GridEncoder
-from medssl.tasks import (BarlowTwinsTask, BrainFuseTask, ClassificationTask, DINOTask, JigsawTask, MAETask, QueryBoxTask,
-                          RawBrainFuseTask, SimCLRTask)
+from medssl.tasks import (BarlowTwinsTask, BrainFuseTask, BYOLTask, ClassificationTask, DINOTask, JigsawTask, MAETask,
+                          QueryBoxTask, RawBrainFuseTask, SimCLRTask, SwAVTask)
 
 SIZE, LOCAL = 16, 8
 
@@ -163,6 +163,27 @@ class TestBarlowTwins(TaskContract):
     def make_task(self, backbone):
         return BarlowTwinsTask(backbone, hidden_dim=32, out_dim=32)
 
+    def make_views(self, spatial_dims):
+        return two_views(spatial_dims, SIZE)
+
+
+class TestBYOL(TaskContract):
+    def make_task(self, backbone):
+        return BYOLTask(backbone, hidden_dim=32, out_dim=16)
+
+    def make_views(self, spatial_dims):
+        return two_views(spatial_dims, SIZE)
+
+
+class TestSwAV(TaskContract):
+    def make_task(self, backbone):
+        return SwAVTask(backbone, hidden_dim=32, out_dim=16, n_prototypes=12)
+
+    def make_views(self, spatial_dims):
+        return multi_crop(spatial_dims, SIZE, LOCAL, n_local=2)  # DINO's multi-crop: 2 global views and local crops
+
+
+class TestSwAVTwoViews(TestSwAV):
     def make_views(self, spatial_dims):
         return two_views(spatial_dims, SIZE)
 

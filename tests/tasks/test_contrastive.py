@@ -9,8 +9,11 @@ import torch
 from monai.losses import ContrastiveLoss
 
 from medssl.models import ViT
-from medssl.tasks import BarlowTwinsTask, DINOTask, nt_xent
-from medssl.tasks.dino import ema_momentum, koleo_loss, teacher_temperature
+from medssl.tasks import BarlowTwinsTask, BYOLTask, DINOTask, nt_xent
+from medssl.tasks.byol import byol_loss
+from medssl.tasks.swav import sinkhorn, swav_loss
+from medssl.tasks.dino import koleo_loss, teacher_temperature
+from medssl.tasks.ema import ema_momentum
 
 
 def test_nt_xent_by_hand():
@@ -55,18 +58,69 @@ def test_dino_schedules():
     assert ema_momentum(0.5, 0.99) == pytest.approx(0.995)
 
 
-def test_ema_update_is_exact():
-    task = _dino(momentum=0.9)
+def _byol(**kw):
+    torch.manual_seed(0)
+    return BYOLTask(ViT(2, patch_size=4, size="micro", cls_token=True), hidden_dim=16, out_dim=8, **kw)
+
+
+# (task, its teacher's parameters, the student parameters they follow): DINO and BYOL share medssl.tasks.ema
+_TEACHERS = {
+    "dino": (_dino, lambda t: [*t.teacher.parameters(), *t.teacher_head.parameters()],
+             lambda t: [*t.backbone.parameters(), *t.head.parameters()]),
+    "byol": (_byol, lambda t: [*t.target.parameters(), *t.target_projector.parameters()],
+             lambda t: [*t.backbone.parameters(), *t.projector.parameters()]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TEACHERS))
+def test_ema_update_is_exact(name):
+    make, teacher_of, student_of = _TEACHERS[name]
+    task = make(momentum=0.9)
     with torch.no_grad():
-        for p in [*task.backbone.parameters(), *task.head.parameters()]:
+        for p in student_of(task):
             p.add_(torch.randn_like(p))
-    teacher_before = [p.clone() for p in [*task.teacher.parameters(), *task.teacher_head.parameters()]]
-    student = [p.clone() for p in [*task.backbone.parameters(), *task.head.parameters()]]
+    teacher_before = [p.clone() for p in teacher_of(task)]
+    student = [p.clone() for p in student_of(task)]
+    assert len(teacher_before) == len(student) and all(not p.requires_grad for p in teacher_of(task))
     progress = 0.25
     m = ema_momentum(progress, 0.9)
     task.step_end(progress)
-    for t_new, t_old, s in zip([*task.teacher.parameters(), *task.teacher_head.parameters()], teacher_before, student):
+    for t_new, t_old, s in zip(teacher_of(task), teacher_before, student):
         assert torch.allclose(t_new, m * t_old + (1 - m) * s, atol=1e-6, rtol=0)
+
+
+def test_byol_loss_by_hand_and_the_target_gets_no_gradient():
+    p = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    z = torch.tensor([[3.0, 0.0], [2.0, 0.0]])  # cos 1 and cos 0: losses 0 and 2
+    assert byol_loss(p, z).item() == pytest.approx(1.0)
+    assert byol_loss(p, -z).item() == pytest.approx(3.0)  # cos -1 and 0: 4 and 2
+    task = _byol()
+    task.train()
+    out = task({"views": torch.rand(4, 2, 1, 16, 16)})
+    out["loss"].backward()
+    assert all(p.grad is None for p in [*task.target.parameters(), *task.target_projector.parameters()])
+    assert task.predictor.net[0].weight.grad is not None and 0 <= out["loss"].item() <= 4
+
+
+def test_sinkhorn_gives_equal_partition_marginals():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=-1) @ \
+        torch.nn.functional.normalize(torch.randn(4, 5, generator=g), dim=-1).T  # (B=12, K=4) cosine scores
+    q = sinkhorn(scores, epsilon=0.05, iterations=3)
+    assert q.shape == (12, 4) and (q >= 0).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(12))  # each image: one unit of assignment, exactly
+    q = sinkhorn(scores, epsilon=0.5, iterations=200)
+    torch.testing.assert_close(q.sum(0), torch.full((4,), 3.0), atol=1e-4, rtol=0)  # each prototype: B / K images
+    torch.testing.assert_close(q.sum(1), torch.ones(12))
+
+
+def test_swav_loss_by_hand():
+    codes = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    scores = torch.tensor([[0.0, 0.0], [0.1, -0.1]])
+    # row 1: -log(1/2); row 2: -(0.5 log softmax(1, -1)_0 + 0.5 log softmax(1, -1)_1) at t = 0.1
+    lse = math.log(math.exp(1) + math.exp(-1))
+    expected = (math.log(2) + 0.5 * (lse - 1) + 0.5 * (lse + 1)) / 2
+    assert swav_loss(codes, scores, temperature=0.1).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_dino_teacher_gets_no_gradient_and_moves_only_by_ema():

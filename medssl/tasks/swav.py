@@ -1,0 +1,122 @@
+"""SwAV (Caron et al., 2020, arXiv:2006.09882): the clustering family of the second source document.
+
+Each view's projection (L2-normalised) is scored against ``n_prototypes`` learned prototypes
+(unit vectors). For each global view, Sinkhorn-Knopp turns the scores of the whole global batch
+into soft cluster assignments ("codes") that use every prototype equally (an equal partition:
+what stops all images from landing in one cluster); every other view must then predict those
+codes from its own scores (softmax at ``temperature``): the swapped prediction. Codes get no
+gradient.
+
+- Views: two global views (``batch["views"]``, ``(B, 2, C, *S)``) and, optionally, DINO's local
+  crops (``batch["local_views"]``; :func:`medssl.data.views.multi_crop`), which are predicted but
+  give no codes, as in the paper.
+- Distributed: the Sinkhorn sums run over every rank's scores (``all_reduce``), so the equal
+  partition holds for the global batch, as in the reference.
+- The prototypes are renormalised to unit length before every use and frozen for the first
+  ``freeze_prototypes`` of training (the paper freezes them for the first epoch).
+- Not built: the feature queue the paper adds for batches under 256 (``queue_length``); say so
+  where small batches are trained.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import is_distributed, world_size
+from ..models.base import batch_context
+from .base import Task, register_task
+from .heads import ProjectionMLP
+
+__all__ = ["SwAVTask", "sinkhorn", "swav_loss"]
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Soft equal-partition assignments ``(B, K)`` from prototype scores ``(B, K)`` (all ranks' batches together).
+
+    ``Q = exp(scores / epsilon)`` is alternately normalised so that every prototype receives
+    ``N / K`` of the ``N`` images of the global batch and every image a total of 1 (rows sum to 1
+    exactly after the last step; columns to ``N / K`` up to the iterations' convergence).
+    """
+    q = (scores.float() / epsilon).exp().T  # (K, B)
+    q = q / _all_sum(q.sum())
+    k, n = q.shape[0], q.shape[1] * world_size()
+    for _ in range(iterations):
+        q = q / _all_sum(q.sum(dim=1, keepdim=True)) / k  # each prototype: total 1 / K
+        q = q / q.sum(dim=0, keepdim=True) / n  # each image: total 1 / N
+    return (q * n).T
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def swav_loss(codes: torch.Tensor, scores: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Cross entropy of predicting ``codes`` ``(B, K)`` from ``scores`` ``(B, K)``: ``-sum q log softmax(s / t)``, batch mean."""
+    return -(codes * F.log_softmax(scores.float() / temperature, dim=-1)).sum(-1).mean()
+
+
+@register_task("swav")
+class SwAVTask(Task):
+    """SwAV on ``backbone``.
+
+    Args:
+        hidden_dim, out_dim: the projector (2 layers with BatchNorm, as the paper's 2048 -> 128).
+        n_prototypes: number of clusters (3000 in the paper for ImageNet; a few hundred suit a small medical set).
+        temperature: softmax temperature of the predictions (0.1).
+        epsilon, sinkhorn_iterations: Sinkhorn-Knopp regularisation and steps (0.05, 3).
+        freeze_prototypes: share of training during which the prototypes are not trained.
+    """
+
+    required_keys = ("views",)
+
+    def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 128, n_prototypes: int = 300,
+                 temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
+                 freeze_prototypes: float = 0.01, pooling: str | None = None, views_key: str = "views",
+                 local_key: str = "local_views") -> None:
+        super().__init__(backbone)
+        self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
+        self.projector = ProjectionMLP(backbone.embed_dim, hidden_dim, out_dim, layers=2, batch_norm=True)
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(n_prototypes, out_dim), dim=-1))
+        self.temperature, self.epsilon, self.iterations = temperature, epsilon, sinkhorn_iterations
+        self.freeze_prototypes, self.views_key, self.local_key = freeze_prototypes, views_key, local_key
+        self.required_keys = (views_key,)
+
+    def _scores(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.projector(self.embed(batch, x, self.pooling)).float(), dim=-1)
+        prototypes = F.normalize(self.prototypes.float(), dim=-1)
+        if self.progress < self.freeze_prototypes:
+            prototypes = prototypes.detach()
+        return z @ prototypes.T
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        views = batch[self.views_key]
+        n_global = views.shape[1]
+        if n_global < 2:
+            raise ValueError(f"SwAV needs at least 2 global views per image, got {n_global}")
+        scores = list(self._scores(batch, views.transpose(0, 1).flatten(0, 1)).chunk(n_global))
+        local = batch.get(self.local_key)
+        if local is not None and local.shape[1] > 0:
+            scores += list(self._scores(batch, local.transpose(0, 1).flatten(0, 1)).chunk(local.shape[1]))
+        codes = [sinkhorn(s.detach(), self.epsilon, self.iterations) for s in scores[:n_global]]
+        loss, terms = scores[0].new_zeros(()), 0
+        for i, q in enumerate(codes):
+            for j, s in enumerate(scores):
+                if j != i:
+                    loss = loss + swav_loss(q, s, self.temperature)
+                    terms += 1
+        with torch.no_grad():  # share of the prototypes a batch can reach that its images' codes pick (1 = all distinct)
+            used = codes[0].argmax(-1).unique().numel() / min(codes[0].shape)
+        return {"loss": loss / terms, "prototypes_used": torch.tensor(used)}
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The image and the backbone's last-block attention over it."""
+        from ..viz.attention import attention_panels
+
+        return attention_panels(self.backbone, batch["image"], batch_context(batch))

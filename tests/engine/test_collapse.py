@@ -1,0 +1,80 @@
+"""The collapse monitor: what it reports on a constant, a one-direction and a random encoder, through an engine."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from ignite.engine import Engine
+from torch import nn
+
+from medssl.engine import MultiTask
+from medssl.engine.collapse import CollapseMonitor, embedding_spread
+from medssl.models import ViT
+from medssl.tasks import MAETask
+
+
+class ConstantEncoder(nn.Module):
+    """Every image to the same tokens: the collapsed encoder."""
+
+    num_prefix_tokens, embed_dim = 1, 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.randn(1, 5, 8))
+
+    def forward(self, x, keep=None, context=None):
+        return self.value.expand(x.shape[0], -1, -1)
+
+
+class _Holder(nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+
+def _run(network, images, outputs=None, epochs=1):
+    def step(engine, batch):
+        return (outputs or {}).copy()
+
+    engine = Engine(step)
+    engine.network = network
+    monitor = CollapseMonitor()
+    monitor.attach(engine)
+    engine.run([{"image": images}] * 2, max_epochs=epochs)
+    return monitor, engine
+
+
+def test_spread_of_embeddings_by_construction():
+    assert embedding_spread(torch.ones(6, 4))["embedding_std"] == 0.0
+    v = torch.randn(4)
+    line = torch.stack([v, -v, v, -v])  # two antipodal points: one direction
+    assert embedding_spread(line)["effective_rank"] == pytest.approx(1.0, abs=1e-4)
+    spread = embedding_spread(torch.eye(4))  # four orthogonal unit vectors, centred: rank 3 of equal weight
+    assert spread["effective_rank"] == pytest.approx(3.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_the_monitor_flags_a_constant_encoder_and_not_a_random_one(spatial_dims, caplog):
+    images = torch.rand(6, 1, *[16] * spatial_dims)
+    with caplog.at_level(logging.INFO, logger="medssl.train"):
+        monitor, engine = _run(_Holder(ConstantEncoder()), images)
+    assert monitor.last["embedding_std"] == 0.0 and "collapse: every image has the same embedding" in caplog.text
+    caplog.clear()
+    torch.manual_seed(0)
+    vit = ViT(spatial_dims, 1, patch_size=4, size="micro")
+    with caplog.at_level(logging.INFO, logger="medssl.train"):
+        monitor, engine = _run(MultiTask([MAETask(vit)]), images)
+    assert monitor.last["embedding_std"] > 1e-3 and monitor.last["effective_rank"] > 3
+    assert "collapse:" not in caplog.text and "collapse check: embedding_std" in caplog.text
+    assert engine.state.metrics["effective_rank"] == monitor.last["effective_rank"]  # TensorBoard writes state.metrics
+    assert vit.training  # put back in training mode after the check
+
+
+def test_a_uniform_teacher_is_called_a_plateau(caplog):
+    images = torch.rand(4, 1, 16, 16)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="medssl.train"):
+        monitor, _ = _run(_Holder(ViT(2, 1, patch_size=4, size="micro")), images, {"teacher_entropy": torch.tensor(0.999)})
+    assert monitor.last["teacher_entropy"] == pytest.approx(0.999) and "the teacher is uniform" in caplog.text
