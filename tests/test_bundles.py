@@ -294,3 +294,18 @@ def test_smart_binning_and_embedding_every_split_through_monai_bundle_run(tmp_pa
     table = pd.read_csv(emb.with_suffix(".csv"))
     assert len(table) == 24 and table["id"].is_unique and (table["split"] == "train").all() and (table["label"] == -1).all()
     assert np.load(emb)["embeddings"].shape == (24, 48)
+
+
+@pytest.mark.parametrize("name,extra,picture", [
+    ("simclr_xray_2d", dict(method="byol", method_settings={"byol": {"hidden_dim": 32, "out_dim": 16, "momentum": 0.99}}), "byol"),
+    ("simclr_xray_2d", dict(method="swav", method_settings={"swav": {"hidden_dim": 32, "out_dim": 16, "n_prototypes": 8}}), "swav"),
+    ("mae_xray_2d", dict(method="ijepa", ijepa_targets=2), "ijepa"),
+    ("mae_dino_ct_3d", dict(task_names=["mae", "ijepa"], loss_weights={"mae": 1.0, "ijepa": 1.0}), "ijepa"),
+])
+def test_the_remaining_ssl_families_train_through_their_bundles(name, extra, picture, phantoms, tmp_path, monkeypatch):
+    """BYOL and SwAV as simclr_xray_2d methods, I-JEPA as mae_xray_2d's method and in mae_dino_ct_3d's cyclic mix."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    tiny = {k: v for k, v in TINY[name].items() if k != "method_settings"}
+    run_bundle(name, "train", dict(tiny, **extra, dataset_dir=str(phantoms / DATA[name]), output_dir=str(out), max_epochs=2))
+    assert (out / "models" / "model.pt").is_file() and (out / "pictures" / f"{picture}_final.png").stat().st_size > 1000

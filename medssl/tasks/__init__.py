@@ -7,6 +7,7 @@ from .base import TASKS, Task, build_task, check_batch, register_task
 from .classify import ClassificationTask
 from .dino import DINOTask
 from .heads import DINOHead, ProjectionMLP
+from .ijepa import IJEPATask
 from .jigsaw import JigsawTask
 from .mae import MAETask
 from .query_box import QueryBoxTask
@@ -16,5 +17,5 @@ from .simclr import SimCLRTask, nt_xent
 from .swav import SwAVTask
 
 __all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch", "MAETask", "DINOTask", "SimCLRTask",
-           "BarlowTwinsTask", "BYOLTask", "SwAVTask", "ClassificationTask", "JigsawTask", "QueryBoxTask", "BrainFuseTask", "RawBrainFuseTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
+           "BarlowTwinsTask", "BYOLTask", "SwAVTask", "IJEPATask", "ClassificationTask", "JigsawTask", "QueryBoxTask", "BrainFuseTask", "RawBrainFuseTask", "DINOHead", "ProjectionMLP", "nt_xent", "TokenMask", "sample_mask", "patch_foreground",
            "patchify", "unpatchify"]

@@ -8,6 +8,8 @@
 - :class:`PixelDecoder`: every patch token of an encoder back to its patch's pixels (a few
   transformer blocks over the token grid with sinusoidal positions): the generator that turns
   fused tokens into a fused scan (:mod:`medssl.tasks.brainfuse`).
+- :class:`JEPAPredictor`: I-JEPA's predictor, a narrow transformer from context tokens and
+  positional mask tokens to the representations of target blocks (:mod:`medssl.tasks.ijepa`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from ..models.blocks import Block
 from ..models.position import sincos_position_embedding
 
-__all__ = ["ProjectionMLP", "DINOHead", "PixelDecoder"]
+__all__ = ["ProjectionMLP", "DINOHead", "PixelDecoder", "JEPAPredictor"]
 
 
 class ProjectionMLP(nn.Module):
@@ -112,3 +114,51 @@ class PixelDecoder(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.pred(self.norm(x))
+
+
+class JEPAPredictor(nn.Module):
+    """Context features ``(B, Lc, in_dim)`` at raster positions -> predicted features at target positions.
+
+    As I-JEPA's: the context tokens are projected to ``dim`` and given their positions; each
+    target block is a set of mask tokens (one learned vector plus the target's positions); a few
+    blocks of global attention over context + mask tokens (padding slots masked out); then a
+    projection back to ``in_dim``. Each of the ``M`` target blocks of an image is predicted from
+    its own copy of the context, so blocks do not see one another.
+    """
+
+    def __init__(self, in_dim: int, dim: int | None = None, depth: int = 2, heads: int | None = None) -> None:
+        super().__init__()
+        dim = dim or max(32, in_dim // 2)
+        heads = heads or max(1, math.gcd(dim, 8))
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, in_dim)
+        self._pos: dict = {}
+
+    def _positions(self, grid: tuple[int, ...], device) -> torch.Tensor:
+        key = (tuple(grid), str(device))
+        if key not in self._pos:
+            self._pos[key] = sincos_position_embedding(grid, self.embed.out_features, device=device)
+        return self._pos[key]
+
+    def forward(self, context: torch.Tensor, context_index: torch.Tensor, target_index: torch.Tensor,
+                grid: tuple[int, ...]) -> torch.Tensor:
+        """``context`` ``(B, Lc, D)`` at ``context_index`` ``(B, Lc)``; ``target_index`` ``(B, M, Lt)``
+        (raster indices, -1 for padding) -> ``(B, M, Lt, D)`` predictions (zeros at padding)."""
+        from ..models.blocks import key_padding_mask
+
+        b, m, lt = target_index.shape
+        pos = self._positions(grid, context.device)
+        c = self.embed(context) + pos[context_index.clamp(min=0)].to(context.dtype)
+        c = c.repeat_interleave(m, 0)  # (B * M, Lc, dim): one copy of the context per target block
+        q = self.mask_token.to(c.dtype) + pos[target_index.reshape(b * m, lt).clamp(min=0)].to(c.dtype)
+        valid = torch.cat([(context_index >= 0).repeat_interleave(m, 0), target_index.reshape(b * m, lt) >= 0], 1)
+        mask = None if bool(valid.all()) else key_padding_mask(valid)
+        x = torch.cat([c, q], 1)
+        for blk in self.blocks:
+            x = blk(x, mask)
+        out = self.out(self.norm(x[:, c.shape[1]:]))  # (B * M, Lt, D)
+        return (out * (target_index.reshape(b * m, lt, 1) >= 0).to(out.dtype)).reshape(b, m, lt, -1)

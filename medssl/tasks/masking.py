@@ -21,7 +21,7 @@ import torch
 
 from ..models.windows import WindowLayout
 
-__all__ = ["TokenMask", "sample_mask", "patch_foreground"]
+__all__ = ["TokenMask", "sample_mask", "patch_foreground", "mask_to_keep"]
 
 
 @dataclass
@@ -71,3 +71,22 @@ def sample_mask(foreground: torch.Tensor, ratio: float, layout: WindowLayout | N
     index = (n_keep + pos[:t]).clamp(max=t_total - 1)  # (B, nW, t): rank positions after the visible ones
     target = torch.where(pos[:t] < n_target, raster.gather(2, index), -1).reshape(b, nw * t)
     return TokenMask(keep=keep, target=target)
+
+
+def mask_to_keep(mask: torch.Tensor, layout: WindowLayout | None = None) -> torch.Tensor:
+    """``(B, N)`` bool token mask (raster) -> ``(B, L)`` raster indices for an encoder's ``keep``, -1 for padding.
+
+    With ``layout`` the indices are grouped window by window, every window padded to the same
+    number of slots (what a windowed :class:`~medssl.models.vit.ViT` needs, as
+    :func:`sample_mask` gives); without, the kept tokens in raster order, padded at the end.
+    """
+    b, n = mask.shape
+    device = mask.device
+    order = torch.arange(n, device=device) if layout is None else layout.order.to(device)
+    nw = 1 if layout is None else layout.n_windows
+    t_total = order.numel() // nw
+    slot = (mask[:, order.clamp(min=0)] & (order >= 0)).view(b, nw, t_total)  # (B, nW, T)
+    k = max(int(slot.sum(-1).max()), 1)
+    first = (~slot).to(torch.int8).argsort(dim=-1, stable=True)[..., :k]  # kept slots first, in window order
+    raster = order.view(nw, t_total).expand(b, -1, -1).gather(2, first)
+    return torch.where(slot.gather(2, first), raster, -1).reshape(b, nw * k)

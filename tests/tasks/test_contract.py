@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medssl.data.block_masks import jepa_blocks
 from medssl.data.views import multi_crop, query_boxes, two_views
 from medssl.engine import MultiTask
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from medssl.models import ViT
 from medssl.models.base import Encoder, GridEncoder
 from medssl.tasks import (BarlowTwinsTask, BrainFuseTask, BYOLTask, ClassificationTask, DINOTask, JigsawTask, MAETask,
-                          QueryBoxTask, RawBrainFuseTask, SimCLRTask, SwAVTask)
+                          IJEPATask, QueryBoxTask, RawBrainFuseTask, SimCLRTask, SwAVTask)
 
 SIZE, LOCAL = 16, 8
 
@@ -186,6 +187,16 @@ class TestSwAV(TaskContract):
 class TestSwAVTwoViews(TestSwAV):
     def make_views(self, spatial_dims):
         return two_views(spatial_dims, SIZE)
+
+
+class TestIJEPA(TaskContract):
+    needs_grid = True
+
+    def make_task(self, backbone):
+        return IJEPATask(backbone, predictor_dim=16, predictor_depth=1)
+
+    def make_views(self, spatial_dims):  # a 4^d token grid: small blocks so the context keeps tokens
+        return jepa_blocks(patch_size=4, n_targets=2, target_scale=(0.1, 0.2), context_scale=(0.85, 1.0))
 
 
 class TestJigsaw(TaskContract):

@@ -1,0 +1,122 @@
+"""I-JEPA (Assran et al., CVPR 2023, arXiv:2301.08243): predict the representations of hidden blocks.
+
+The first source document's future work. From a large context block of an image, a predictor
+must produce what an EMA target encoder makes of several target blocks of the same image: the
+prediction happens in representation space, not in pixels, so the encoder is not asked for
+pixel-level detail (MAE's reconstruction) nor for invariance to hand-made augmentations
+(contrastive views).
+
+- Masks come from the data pipeline (:func:`medssl.data.block_masks.jepa_blocks`): ``jepa_context``
+  ``(B, N)`` and ``jepa_targets`` ``(B, M, N)`` over the token grid, targets removed from the context.
+- Context encoder = the shared backbone on the context tokens only (slots grouped by attention
+  window, :func:`~medssl.tasks.masking.mask_to_keep`, so the ViTDet windows work as for MAE).
+- Target encoder = an EMA copy of the backbone (:mod:`medssl.tasks.ema`) on the whole image; its
+  tokens are layer-normalised (as the reference does) and read at the target positions.
+- Predictor: :class:`~medssl.tasks.heads.JEPAPredictor` (narrow, ``predictor_depth`` blocks).
+- Loss: mean squared error over the valid target slots, averaged over the ``M`` blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.base import GridEncoder
+from .base import Task, register_task
+from .ema import ema_momentum, ema_update, frozen_copy
+from .heads import JEPAPredictor
+from .masking import mask_to_keep
+
+__all__ = ["IJEPATask", "jepa_loss"]
+
+
+def jepa_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the feature dimension, averaged over the ``valid`` ``(..., L)`` slots."""
+    err = (prediction.float() - target.float().detach()).pow(2).mean(-1)
+    return (err * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _indices(masks: torch.Tensor) -> torch.Tensor:
+    """``(..., N)`` bool -> ``(..., L)`` raster indices of the True tokens, -1 padded to the largest count."""
+    flat = masks.reshape(-1, masks.shape[-1])
+    k = max(int(flat.sum(-1).max()), 1)
+    first = (~flat).to(torch.int8).argsort(dim=-1, stable=True)[:, :k]
+    return torch.where(flat.gather(1, first), first, -1).reshape(*masks.shape[:-1], k)
+
+
+@register_task("ijepa")
+class IJEPATask(Task):
+    """I-JEPA on ``backbone`` (a :class:`~medssl.models.base.GridEncoder`, as masking needs a token grid).
+
+    Args:
+        predictor_dim, predictor_depth, predictor_heads: the predictor (default: half the encoder's width, 2 blocks).
+        momentum: target EMA momentum at the start, cosine to 1 (the reference's 0.996).
+    """
+
+    required_keys = ("image", "jepa_context", "jepa_targets")
+
+    def __init__(self, backbone: nn.Module, predictor_dim: int | None = None, predictor_depth: int = 2,
+                 predictor_heads: int | None = None, momentum: float = 0.996, context_key: str = "jepa_context",
+                 targets_key: str = "jepa_targets") -> None:
+        super().__init__(backbone)
+        if not isinstance(backbone, GridEncoder):
+            raise TypeError(f"I-JEPA masks tokens of a grid: {type(backbone).__name__} is not a GridEncoder")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+        self.predictor = JEPAPredictor(backbone.embed_dim, predictor_dim, predictor_depth, predictor_heads)
+        self.target = frozen_copy(backbone)
+        self.momentum, self.context_key, self.targets_key = momentum, context_key, targets_key
+        self.required_keys = ("image", context_key, targets_key)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.target.eval()
+        return self
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["image"]
+        grid = tuple(self.backbone.grid_size(x.shape[2:]))
+        context = batch[self.context_key].to(x.device).bool()  # (B, N)
+        targets = batch[self.targets_key].to(x.device).bool()  # (B, M, N)
+        n = int(torch.tensor(grid).prod())
+        if context.shape[-1] != n or targets.shape[-1] != n:
+            raise ValueError(f"block masks over {context.shape[-1]} tokens for a {'x'.join(map(str, grid))} grid; "
+                             "make them with medssl.data.block_masks.jepa_blocks(patch_size=...) of this encoder")
+        p = self.backbone.num_prefix_tokens
+        keep = mask_to_keep(context, self.backbone.layout(grid, x.device))  # (B, Lc), window-grouped, -1 pad
+        z = self.encode(batch, x, keep)[:, p:]
+        with torch.no_grad():
+            h = self.encode(batch, x, encoder=self.target)[:, p:].float()  # (B, N, D) raster
+            h = F.layer_norm(h, h.shape[-1:])
+        index = _indices(targets)  # (B, M, Lt)
+        b, m, lt = index.shape
+        target = h.gather(1, index.reshape(b, m * lt).clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1])).reshape(b, m, lt, -1)
+        prediction = self.predictor(z, keep, index, grid)
+        loss = jepa_loss(prediction, target, (index >= 0).float())
+        with torch.no_grad():
+            valid = index >= 0
+            cosine = F.cosine_similarity(prediction.float(), target, dim=-1)[valid].mean()
+        return {"loss": loss, "prediction_cosine": cosine, "context_share": context.float().mean()}
+
+    @torch.no_grad()
+    def step_end(self, progress: float) -> None:
+        """target <- m * target + (1 - m) * backbone."""
+        ema_update(self.target, self.backbone, ema_momentum(progress, self.momentum))
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The image, what the context encoder sees, and the target blocks it must predict."""
+        x = batch["image"]
+        grid = tuple(self.backbone.grid_size(x.shape[2:]))
+        patch = [s // g for s, g in zip(x.shape[2:], grid)]
+
+        def upsample(mask: torch.Tensor) -> torch.Tensor:
+            m = mask.reshape(mask.shape[0], 1, *grid).float()
+            for axis, p in enumerate(patch):
+                m = m.repeat_interleave(p, dim=2 + axis)
+            return m.to(x.device)
+
+        context = upsample(batch[self.context_key].bool())
+        targets = upsample(batch[self.targets_key].bool().any(1))
+        return {"image": x, "context": x * context, "targets": x * targets}
