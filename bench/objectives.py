@@ -48,6 +48,10 @@ OBJECTIVES = {
     "box": ("Box", "mae_dino_ct_3d", {"task_names": ["box"]}),
     "mae+box": ("MAE+Box", "mae_dino_ct_3d", {"task_names": ["mae", "box"]}),
     "mae+dino+box": ("MAE+DINO+Box", "mae_dino_ct_3d", {"task_names": ["mae", "dino", "box"]}),
+    # issue #21: the remaining families (distillation, clustering, joint-embedding prediction)
+    "byol": ("BYOL", "simclr_xray_2d", {"method": "byol"}),
+    "swav": ("SwAV", "simclr_xray_2d", {"method": "swav"}),
+    "ijepa": ("I-JEPA", "mae_dino_ct_3d", {"task_names": ["ijepa"]}),
 }
 
 
@@ -89,6 +93,23 @@ def pretrain_once(objective: str, overrides: dict, out: Path) -> float:
     return seconds
 
 
+RANDOM = "Random encoder"
+
+
+def random_as_encoder(comparison: dict) -> dict | None:
+    """``comparison`` with the ``random-probe`` / ``random-knn`` baseline rows as an encoder of their own
+    (methods ``probe`` / ``knn``), so every objective can be paired against it; None without that baseline."""
+    def moved(rows):
+        return [dict(r, encoder=RANDOM, method=r["method"][len("random-"):]) for r in rows if str(r["method"]).startswith("random-")]
+
+    table, records = moved(comparison["table"]), moved(comparison.get("records", []))
+    if not table:
+        return None
+    return {**comparison, "encoders": {**comparison["encoders"], RANDOM: {}} if isinstance(comparison["encoders"], dict)
+            else [*comparison["encoders"], RANDOM], "table": comparison["table"] + table,
+            "records": comparison.get("records", []) + records}
+
+
 def targets(comparison: dict, labels: dict[str, str]) -> list[str]:
     """The issue's two targets on the 1 % AUC (best pooling), for the probe and for kNN, with the
     seed-by-seed (paired) difference beside each: the seeds share label subsets across encoders."""
@@ -127,6 +148,7 @@ def main() -> None:
                    help="a bundle setting for every objective whose bundle has it, e.g. --set koleo_weight=0.1")
     p.add_argument("--markdown", help="write the section into this file between <!-- objectives_<data> --> markers")
     p.add_argument("--image", help="copy the comparison plot here (a path under docs/images/)")
+    p.add_argument("--block", help="name of the section's markers in --markdown (default objectives_<data>)")
     args = p.parse_args()
 
     from medssl.bundle_settings import config_settings
@@ -191,6 +213,10 @@ def main() -> None:
     if "mae" in objectives and len(objectives) > 1:
         text += ["AUC minus MAE's, seed by seed on the same label subsets (mean ± std, seeds ahead / seeds):", "",
                  *paired_table(comparison, "auc", "MAE"), ""]
+    with_random = random_as_encoder(comparison)
+    if with_random is not None:
+        text += ["AUC minus the randomly initialised encoder's (the same ViT, frozen, same probe / kNN and label subsets), "
+                 "seed by seed:", "", *paired_table(with_random, "auc", RANDOM), ""]
     if set(labels) >= {"mae", "dino", "simclr", "barlow", "mae+dino"}:
         text += ["Targets:", "", *targets(comparison, labels)]
     if args.image:
@@ -202,8 +228,10 @@ def main() -> None:
     print("\n" + text)
     if args.markdown:
         command = (f"python bench/objectives.py --data {args.data} --out {args.out} --minutes {args.minutes:g}"
-                   + (f" --image {args.image}" if args.image else "") + f" --markdown {args.markdown}")
-        write_block(args.markdown, f"objectives_{name}", command, text)
+                   + (f" --objectives {args.objectives}" if args.objectives != ",".join(OBJECTIVES) else "")
+                   + (f" --image {args.image}" if args.image else "") + (f" --block {args.block}" if args.block else "")
+                   + f" --markdown {args.markdown}")
+        write_block(args.markdown, args.block or f"objectives_{name}", command, text)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def build(task: str, dims: int, size: int, patch: int):
     from medssl.data.views import multi_crop, query_boxes, two_views
     from medssl.engine import MultiTask
     from medssl.models import ViT
-    from medssl.tasks import BarlowTwinsTask, DINOTask, MAETask, QueryBoxTask, SimCLRTask
+    from medssl.data.block_masks import jepa_blocks
+    from medssl.tasks import BarlowTwinsTask, BYOLTask, DINOTask, IJEPATask, MAETask, QueryBoxTask, SimCLRTask, SwAVTask
 
     torch.manual_seed(0)
     vit = ViT(dims, 1, patch_size=patch, size="tiny")
@@ -55,6 +56,9 @@ def build(task: str, dims: int, size: int, patch: int):
         "dino": lambda: (DINOTask(vit, out_dim=4096), multi_crop(dims, size, local, n_local=4, modality="CT")),
         "simclr": lambda: (SimCLRTask(vit), two_views(dims, size, modality="CT")),
         "barlow": lambda: (BarlowTwinsTask(vit), two_views(dims, size, modality="CT")),
+        "byol": lambda: (BYOLTask(vit), two_views(dims, size, modality="CT")),
+        "swav": lambda: (SwAVTask(vit), two_views(dims, size, modality="CT")),
+        "ijepa": lambda: (IJEPATask(vit, predictor_depth=4), jepa_blocks(patch)),
         "box": lambda: (QueryBoxTask(vit, queries_per_box=3, max_boxes=10),  # the bundles' defaults
                         query_boxes(dims, local, n_boxes=10, min_size=2 * patch, modality="CT")),
     }

@@ -5,7 +5,7 @@
 Every picture is what a user's own run draws (the same commands, on the phantom CT series and
 radiographs that `medssl phantoms` writes): preview grids of what a model sees, MAE input /
 masked / reconstruction panels (3D and 2D), DINO and SimCLR views, last-block attention maps, query
-boxes and BrainFuse fusions (patients, partition, raw and latent fusion).
+boxes, I-JEPA's context and target blocks and BrainFuse fusions (patients, partition, raw and latent fusion).
 Runs are short, so the reconstructions are blurry: they show what the pictures look like, not
 how good a long run gets.
 """
@@ -29,6 +29,8 @@ RUNS = {
     # the cyclic mix with the jigsaw task of docs/adding-a-task.md (key: a run name; "bundle" names the bundle)
     "mae_dino_jigsaw_ct_3d": ("ct_dicom", {"bundle": "mae_dino_ct_3d", "max_epochs": 30, "picture_every": 30, "out_dim": 256,
                                            "task_names": "['mae','dino','jigsaw']"}, {"jigsaw_final.png": "jigsaw_pictures.png"}),
+    "ijepa_xray_2d": ("xray", {"bundle": "mae_xray_2d", "max_epochs": 40, "picture_every": 40, "image_size": 128, "method": "ijepa"},
+                      {"ijepa_final.png": "ijepa_xray_2d.png"}),
     "box_xray_2d": ("xray", {"max_epochs": 60, "picture_every": 60, "image_size": 128},
                     {"box_final.png": ["box_xray_2d.png", ROOT / "bundles/box_xray_2d/docs/pictures.png"]}),
     "brainfuse_xray_2d": ("xray", {"max_epochs": 150, "picture_every": 150, "image_size": 128, "fuse_patients": 3},
