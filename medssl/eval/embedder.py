@@ -148,6 +148,12 @@ def still_to_embed(entries, out_file: str | os.PathLike) -> list[dict]:
         return list(entries)
     ids = set(done["id"].tolist())
     left = [e for e in entries if str(e.get("id", "")) not in ids]
+    if not left and entries:  # killed after the last part, before the merge: embed that part again (a run needs items)
+        last = sorted(parts_folder(out_file).glob("part_*.npz"))[-1]
+        with np.load(last) as part:
+            again = set(part["id"].tolist())
+        last.unlink()
+        left = [e for e in entries if str(e.get("id", "")) in again]
     logger.info("resuming %s: %d images embedded before, %d to go", out_file, len(entries) - len(left), len(left))
     return left
 

@@ -93,3 +93,10 @@ def test_a_killed_embedding_run_resumes_from_its_parts_and_writes_the_same_table
 
     assert pd.read_parquet(tmp_path / "b.parquet").equals(pd.read_parquet(tmp_path / "a.parquet"))
     assert not (tmp_path / "b.npz.parts").exists()
+
+    # killed after the last part was saved but before the merge: that part is embedded again, nothing twice
+    c = tmp_path / "c.npz"
+    (tmp_path / "c.npz.parts").mkdir()
+    np.savez(tmp_path / "c.npz.parts" / "part_000000.npz", **dict(np.load(straight)))  # every row saved, no merge yet
+    left = still_to_embed(entries, c)
+    assert [e["id"] for e in left] == [e["id"] for e in entries] and not list((tmp_path / "c.npz.parts").glob("*.npz"))
