@@ -159,15 +159,33 @@ def still_to_embed(entries, out_file: str | os.PathLike) -> list[dict]:
 
 
 def write_table(rows: dict, path: str | os.PathLike) -> Path:
-    """``rows`` (the ``.npz`` arrays) as a table: one row per image, its fields, then ``e0 ... e{F-1}``."""
-    import pandas as pd
+    """``rows`` (the ``.npz`` arrays) as a table: one row per image, its fields, then ``e0 ... e{F-1}``.
 
+    ``.csv`` needs nothing beyond Python; ``.parquet`` needs ``pyarrow`` (``pip install pyarrow``).
+    """
     emb = rows["embeddings"]
-    frame = pd.concat([pd.DataFrame({k: rows[k] for k in _COLUMNS if k in rows}),
-                       pd.DataFrame(emb, columns=[f"e{i}" for i in range(emb.shape[1])])], axis=1)
+    fields = [k for k in _COLUMNS if k in rows]
+    names = fields + [f"e{i}" for i in range(emb.shape[1])]
     path = Path(path)
-    with atomic_write(path) as f:
-        frame.to_parquet(f, index=False) if path.suffix == ".parquet" else frame.to_csv(f, index=False, float_format="%.6g")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            from ..errors import UserError
+
+            raise UserError(f"{path}: writing .parquet needs pyarrow (pip install pyarrow); or use --table csv") from None
+        table = pa.table({**{k: rows[k] for k in fields}, **{n: emb[:, i] for i, n in enumerate(names[len(fields):])}})
+        with atomic_write(path) as f:
+            pq.write_table(table, f)
+        return path
+    import csv
+
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        for i in range(len(emb)):
+            writer.writerow([rows[k][i] for k in fields] + [f"{v:.6g}" for v in emb[i]])
     return path
 
 
