@@ -160,6 +160,42 @@ def measure(entries, mode: str, size: int, patch: int, batch_size: int, n_bins: 
             "bin_report": plan.report()}
 
 
+def draw_bins(entries, size: int, patch: int, n_bins: int, batch_size: int, out: str, per_bin: int = 4) -> None:
+    """``out``: for pad-to-square and for each smart bin, ``per_bin`` images as the model gets them (padding in blue)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medssl.data.binning import plan_bins
+    from medssl.data.pipeline import build_transforms
+    from medssl.viz.figure import save_figure
+
+    plan = plan_bins(entries, "smart", n_bins=n_bins, size=size, multiple=patch, batch_size=batch_size, log=False)
+    rows = [("pad to square", build_transforms(spatial_dims=2, size=size, channels=1), entries[:per_bin], (size, size))]
+    binned = build_transforms(spatial_dims=2, size=size, channels=1, binning="smart")
+    for shape in sorted(plan.bin_shapes, key=lambda s: s[0] / s[1]):
+        members = [e for e in plan.entries if tuple(e["bin_shape"]) == shape][:per_bin]
+        rows.append((f"smart bin {shape[0]}x{shape[1]} ({plan.bin_shapes[shape]} images)", binned, members, shape))
+    fig, axes = plt.subplots(len(rows), per_bin, figsize=(2.2 * per_bin, 2.4 * len(rows)), squeeze=False)
+    for r, (title, transform, members, shape) in enumerate(rows):
+        for c in range(per_bin):
+            ax = axes[r][c]
+            ax.set_axis_off()
+            if c >= len(members):
+                continue
+            img = transform(members[c] if transform is binned else {k: v for k, v in members[c].items() if k != "bin_shape"})["image"][0]
+            shown = np.stack([img.numpy().T] * 3, -1)  # (H, W) in radiological display: first axis is width
+            pad = (img.numpy().T == 0)
+            shown[pad] = (0.2, 0.35, 0.7)  # padding and pure black borders in blue
+            ax.imshow(np.clip(shown, 0, 1), interpolation="nearest")
+            if c == 0:
+                ax.set_title(title, fontsize=8, loc="left")
+    fig.suptitle("What the model gets: pad-to-square vs smart bins (blue: zero pixels, i.e. padding and black borders)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=400, help="generated radiographs (plus the real ones)")
@@ -169,6 +205,8 @@ def main() -> None:
     p.add_argument("--bins", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="timed steps per strategy")
     p.add_argument("--markdown", default=None)
+    p.add_argument("--picture", default=None, help="also draw a batch of each bin into this PNG (docs/images/binning.png)")
+    p.add_argument("--picture-only", action="store_true", help="draw the picture and stop")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -177,6 +215,11 @@ def main() -> None:
     folder = make_set(Path(tempfile.mkdtemp(prefix="medssl_binning_")), args.n)
     entries = scan_folder(folder, progress=False, salt="bench").entries
     sizes = np.array([max(e["shape"]) for e in entries if "gen_" in str(e["image"])]) / 0.25
+    if args.picture:
+        draw_bins([e for e in entries if "gen_" in str(e["image"])], args.size, args.patch, args.bins, args.batch_size, args.picture)
+        print(f"wrote {args.picture}")
+        if args.picture_only:
+            return
     rows = []
     for mode in ("none", "strict", "smart"):
         r = measure(entries, mode, args.size, args.patch, args.batch_size, args.bins, args.steps)
