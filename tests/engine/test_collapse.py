@@ -78,3 +78,43 @@ def test_a_uniform_teacher_is_called_a_plateau(caplog):
     with caplog.at_level(logging.INFO, logger="medssl.train"):
         monitor, _ = _run(_Holder(ViT(2, 1, patch_size=4, size="micro")), images, {"teacher_entropy": torch.tensor(0.999)})
     assert monitor.last["teacher_entropy"] == pytest.approx(0.999) and "the teacher is uniform" in caplog.text
+
+
+def test_a_falling_effective_rank_is_called_dimensional_collapse(caplog):
+    """Epoch 1: 16 images spread over 8 directions; epoch 2: the same images squeezed onto 2 of them."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(16, 8, generator=g)
+    squeezed = spread.clone()
+    squeezed[:, 2:] *= 1e-3
+
+    class Table(nn.Module):
+        num_prefix_tokens, embed_dim = 0, 8
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+            self.table = spread
+
+        def forward(self, x, keep=None, context=None):
+            return self.table[x.flatten(1)[:, 0].long()].unsqueeze(1)
+
+    encoder = Table()
+    images = torch.arange(16.0).reshape(16, 1, 1, 1).expand(16, 1, 4, 4).contiguous()
+    monitor = CollapseMonitor()
+
+    def step(engine, batch):
+        return {}
+
+    engine = Engine(step)
+    engine.network = _Holder(encoder)
+    monitor.attach(engine)
+
+    @engine.on(__import__("ignite.engine", fromlist=["Events"]).Events.EPOCH_STARTED)
+    def _squeeze(e):
+        if e.state.epoch == 2:
+            encoder.table = squeezed
+
+    with caplog.at_level(logging.INFO, logger="medssl.train"):
+        engine.run([{"image": images}], max_epochs=2)
+    assert monitor.first_rank > 6 and monitor.last["effective_rank"] < 2.5
+    assert "the embeddings are losing dimensions" in caplog.text
