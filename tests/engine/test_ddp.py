@@ -26,7 +26,7 @@ def test_two_process_training_shards_data_and_syncs_gradients(tmp_path, bundle, 
     np.savez(data, train_images=rng.integers(0, 255, (24,) + (28,) * spatial_dims, dtype=np.uint8),
              train_labels=rng.integers(0, 2, (24, 1)))
     configs = bundle_root(bundle) / "configs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "monai.bundle", "run",
            "--config_file", f"['{configs / 'train.yaml'}','{configs / 'multi_gpu_train.yaml'}']",
            "--logging_file", str(configs / "logging.conf"), "--dataset_dir", str(data), "--output_dir", str(tmp_path / "run"),
            "--vit_size", "micro", "--image_size", "28", "--patch_size", "4", "--window_size", "0", "--batch_size", "4",
