@@ -281,25 +281,21 @@ def prepare(bundle: str, data: str | Path, cache_dir: str | Path, overrides: dic
             except Exception as exc:
                 return i, "unreadable", f"{describe(cache.data[i].get('image'))}: {root_cause(exc)}"
 
-    loader = torch.utils.data.DataLoader(_Fill(), batch_size=None, num_workers=max(0, int(workers)))
-    counts = {"written": 0, "present": 0, "unreadable": 0, "reasons": []}
-    started, every = time.perf_counter(), max(1, len(cache) // 10)
-    bar = None
+    results = torch.utils.data.DataLoader(_Fill(), batch_size=None, num_workers=max(0, int(workers)))
     if progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(cache), desc=f"preparing {cache_dir}", unit="item")
-    for done, (_, status, reason) in enumerate(loader, 1):
+        results = tqdm(results, total=len(cache), desc=f"preparing {cache_dir}", unit="item")
+    elif progress:
+        from .progress import plain_progress
+
+        results = plain_progress(results, len(cache), f"preparing {cache_dir}", "items")
+    counts = {"written": 0, "present": 0, "unreadable": 0, "reasons": []}
+    started = time.perf_counter()
+    for _, status, reason in results:
         counts[status] += 1
         if reason:
             counts["reasons"].append(reason)
             logger.warning("skipping %s", reason)
-        if bar is not None:
-            bar.update()
-        elif progress and (done % every == 0 or done == len(cache)):
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            print(f"preparing {cache_dir}: {done}/{len(cache)} items ({rate:.1f} items/s)", file=sys.stderr, flush=True)
-    if bar is not None:
-        bar.close()
     counts["seconds"] = time.perf_counter() - started
     return counts

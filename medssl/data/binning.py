@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Resize, SpatialPad
 
 from ..errors import UserError
 
@@ -186,18 +185,6 @@ def plan_bins(entries: Sequence[dict], mode: str = "smart", n_bins: int = 4, siz
     return plan
 
 
-def _resize(img: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Channel-first ``img`` to spatial ``shape`` (area averaging when shrinking, linear when enlarging)."""
-    if tuple(img.shape[1:]) == tuple(shape):
-        return img
-    x = img[None].float()
-    if all(t <= s for t, s in zip(shape, img.shape[1:])):
-        x = F.interpolate(x, size=shape, mode="area")
-    else:
-        x = F.interpolate(x, size=shape, mode="bilinear" if len(shape) == 2 else "trilinear", align_corners=False)
-    return x[0].to(img.dtype)
-
-
 class FitToBin:
     """Resize a channel-first image into ``bin_shape`` with its aspect kept, then zero-pad it (centred)."""
 
@@ -205,14 +192,14 @@ class FitToBin:
         self.max_upscale = max_upscale
 
     def __call__(self, img: torch.Tensor, bin_shape: Sequence[int]) -> torch.Tensor:
-        img = torch.as_tensor(img)
         bin_shape = tuple(int(b) for b in bin_shape)
         if len(bin_shape) != img.ndim - 1:
             raise ValueError(f"a {len(bin_shape)}D bin for a {img.ndim - 1}D image")
-        img = _resize(img, fit_shape(img.shape[1:], bin_shape, self.max_upscale))
-        pad = [(b - s) for s, b in zip(img.shape[1:], bin_shape)]
-        widths = [w for p in reversed(pad) for w in (p // 2, p - p // 2)]
-        return F.pad(img, widths) if any(pad) else img
+        shape = fit_shape(img.shape[1:], bin_shape, self.max_upscale)
+        if tuple(shape) != tuple(img.shape[1:]):  # area averaging when shrinking, linear when enlarging
+            mode = "area" if all(t <= s for t, s in zip(shape, img.shape[1:])) else ("bilinear" if len(shape) == 2 else "trilinear")
+            img = Resize(spatial_size=shape, mode=mode)(img)
+        return SpatialPad(spatial_size=bin_shape, method="symmetric")(img)
 
 
 class FitToBind(MapTransform):

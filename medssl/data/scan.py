@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
+from ..progress import plain_progress
 from .dicom import DicomFile, UnreadableFile, group_series, looks_like_dicom, read_dicom_header
 from .privacy import default_salt, patient_hash
 
@@ -309,17 +310,6 @@ def _walk(root: str, exclude: set[str]) -> tuple[list[str], list[dict]]:
     return paths, skipped
 
 
-def _plain_progress(items, total: int, desc: str, lines: int = 10):
-    """``items`` passed through, with a plain line (count, files/s) every ``1 / lines`` of ``total``: logs, batch jobs."""
-    import time
-
-    t0, every = time.perf_counter(), max(1, total // lines)
-    for i, item in enumerate(items, 1):
-        if i % every == 0 or i == total:  # before the item: a consumer may stop at the last one
-            print(f"{desc}: {i}/{total} files ({i / max(time.perf_counter() - t0, 1e-9):.0f} files/s)", file=sys.stderr, flush=True)
-        yield item
-
-
 def _bounded_map(pool, fn, jobs, window: int):
     """``pool.map(fn, jobs)`` in order with at most ``window`` jobs in flight (``Executor.map`` submits all of them
     first: 100,000 futures and their results held at once)."""
@@ -385,7 +375,7 @@ def scan_folder(
         if progress and sys.stderr.isatty():
             outcomes = tqdm(outcomes, total=len(paths), desc=f"scanning {root}", unit="file")
         elif progress:
-            outcomes = _plain_progress(outcomes, len(paths), f"scanning {root}")
+            outcomes = plain_progress(outcomes, len(paths), f"scanning {root}")
         for path, (kind, value) in zip(paths, outcomes):
             if kind == "entry":
                 result.entries.append(value)

@@ -37,14 +37,6 @@ def jepa_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     return (err * valid).sum() / valid.sum().clamp_min(1)
 
 
-def _indices(masks: torch.Tensor) -> torch.Tensor:
-    """``(..., N)`` bool -> ``(..., L)`` raster indices of the True tokens, -1 padded to the largest count."""
-    flat = masks.reshape(-1, masks.shape[-1])
-    k = max(int(flat.sum(-1).max()), 1)
-    first = (~flat).to(torch.int8).argsort(dim=-1, stable=True)[:, :k]
-    return torch.where(flat.gather(1, first), first, -1).reshape(*masks.shape[:-1], k)
-
-
 @register_task("ijepa")
 class IJEPATask(Task):
     """I-JEPA on ``backbone`` (a :class:`~medssl.models.base.GridEncoder`, as masking needs a token grid).
@@ -89,8 +81,9 @@ class IJEPATask(Task):
         with torch.no_grad():
             h = self.encode(batch, x, encoder=self.target)[:, p:].float()  # (B, N, D) raster
             h = F.layer_norm(h, h.shape[-1:])
-        index = _indices(targets)  # (B, M, Lt)
-        b, m, lt = index.shape
+        b, m = targets.shape[:2]
+        index = mask_to_keep(targets.reshape(b * m, n)).reshape(b, m, -1)  # (B, M, Lt) raster, -1 padded
+        lt = index.shape[-1]
         target = h.gather(1, index.reshape(b, m * lt).clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1])).reshape(b, m, lt, -1)
         prediction = self.predictor(z, keep, index, grid)
         loss = jepa_loss(prediction, target, (index >= 0).float())
