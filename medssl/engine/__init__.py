@@ -1,6 +1,6 @@
 """Training: the monai.engines trainer, task schedules, determinism, checkpoints and handlers."""
 
-from .checkpoint import AtomicCheckpointSaver, ResumeFromLatest, atomic_save, latest_checkpoint, unwrap
+from .checkpoint import AtomicCheckpointSaver, InitialEncoder, ResumeFromLatest, atomic_save, latest_checkpoint, unwrap
 from .collapse import CollapseMonitor
 from .determinism import BinnedBatchSampler, EpochSampler, SeededDataset, derive_seed, pretrain_loader
 from ..distributed import is_main_process
@@ -10,6 +10,6 @@ from .multitask import MultiTask, TaskSchedule
 from .trainer import PretrainTrainer, autocast_dtype
 from .validation import TaskValidation
 
-__all__ = ["CollapseMonitor", "PretrainTrainer", "autocast_dtype", "MultiTask", "TaskSchedule", "EpochSampler", "BinnedBatchSampler", "SeededDataset", "derive_seed",
+__all__ = ["CollapseMonitor", "InitialEncoder", "PretrainTrainer", "autocast_dtype", "MultiTask", "TaskSchedule", "EpochSampler", "BinnedBatchSampler", "SeededDataset", "derive_seed",
            "pretrain_loader", "AtomicCheckpointSaver", "ResumeFromLatest", "atomic_save", "latest_checkpoint", "unwrap",
            "ProgressBar", "TaskPictures", "MainProcessOnly", "is_main_process", "scalars", "WarmupCosine", "warmup_cosine", "TaskValidation"]

@@ -23,7 +23,8 @@ from ..atomic import atomic_write
 from ..distributed import is_main_process
 from .run_folder import lock_run_folder, release_run_folder
 
-__all__ = ["atomic_save", "load_checkpoint", "latest_checkpoint", "AtomicCheckpointSaver", "ResumeFromLatest", "unwrap"]
+__all__ = ["atomic_save", "load_checkpoint", "latest_checkpoint", "AtomicCheckpointSaver", "ResumeFromLatest", "unwrap",
+           "load_encoder", "InitialEncoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,3 +171,52 @@ class ResumeFromLatest:
                 group["lr"] = base * f(scheduler.last_epoch)
         logger.warning("resumed from %s at iteration %d (epoch %d of %d)", path, engine.state.iteration, engine.state.epoch,
                        engine.state.max_epochs)
+
+
+def load_encoder(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
+    """Load encoder weights (a bare state dict, e.g. a bundle's ``models/model.pt``) into ``network``."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder checkpoint {path} does not exist; pretrain first (medssl pretrain / monai.bundle run)")
+    state = load_checkpoint(path, map_location="cpu")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a medssl checkpoint (it holds a {type(state).__name__}, not weights)")
+    if "network" in state and isinstance(state["network"], dict):  # a full training checkpoint
+        state = {k.split("backbone.", 1)[1]: v for k, v in state["network"].items() if k.startswith("backbone.")}
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{path} does not fit this encoder (was it trained with other size/patch settings?): {exc}") from None
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this encoder: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         "(was it trained with other size/patch settings?)")
+    return network
+
+
+class InitialEncoder:
+    """Start a fresh run from another run's encoder (``init_encoder``: its ``models/model.pt``).
+
+    When training starts at iteration 0 the weights are loaded into the shared backbone and every
+    EMA teacher a task keeps (:meth:`medssl.tasks.Task.teachers`) is set equal to what it follows;
+    a resumed run keeps its own weights. ``checkpoint`` empty: nothing is loaded.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None, network: torch.nn.Module) -> None:
+        self.checkpoint, self.network = (str(checkpoint) if checkpoint else ""), network
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._load)
+
+    def _load(self, engine) -> None:
+        if not self.checkpoint or engine.state.iteration > 0:
+            return
+        from ..tasks.ema import ema_update
+
+        multitask = unwrap(self.network)
+        load_encoder(multitask.backbone, self.checkpoint)
+        for task in getattr(multitask, "tasks", {}).values():
+            for teacher, student in task.teachers():
+                ema_update(teacher, student, 0.0)  # momentum 0: a copy
+        logger.info("encoder initialised from %s", self.checkpoint)

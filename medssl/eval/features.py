@@ -14,31 +14,10 @@ from pathlib import Path
 import torch
 
 from ..data.tiling import tiles
+from ..engine.checkpoint import load_encoder  # noqa: F401  (the loader lives with the checkpoints)
 from ..models.base import embed
 
 __all__ = ["embed_image", "load_encoder"]
-
-
-def load_encoder(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
-    """Load encoder weights (a bare state dict, e.g. a bundle's ``models/model.pt``) into ``network``."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder checkpoint {path} does not exist; pretrain first (medssl pretrain / monai.bundle run)")
-    from ..engine.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path, map_location="cpu")
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a medssl checkpoint (it holds a {type(state).__name__}, not weights)")
-    if "network" in state and isinstance(state["network"], dict):  # a full training checkpoint
-        state = {k.split("backbone.", 1)[1]: v for k, v in state["network"].items() if k.startswith("backbone.")}
-    try:
-        missing, unexpected = network.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"{path} does not fit this encoder (was it trained with other size/patch settings?): {exc}") from None
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this encoder: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                         "(was it trained with other size/patch settings?)")
-    return network
 
 
 @torch.no_grad()

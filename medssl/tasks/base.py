@@ -69,6 +69,11 @@ class Task(nn.Module):
         """Called after every optimizer step, whichever task ran it (EMA teachers follow the shared
         backbone through every task's updates)."""
 
+    def teachers(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(teacher, student)`` pairs of the EMA copies this task keeps (none by default); a run that
+        starts from another encoder's weights resets each teacher to its student."""
+        return []
+
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
         """Named image tensors shaped like ``batch["image"]`` to draw side by side (none by default)."""

@@ -75,6 +75,9 @@ class BYOLTask(Task):
             agreement = F.cosine_similarity(p1, t2).mean()
         return {"loss": loss, "prediction_cosine": agreement}
 
+    def teachers(self):
+        return [(self.target, self.backbone), (self.target_projector, self.projector)]
+
     @torch.no_grad()
     def step_end(self, progress: float) -> None:
         """target <- m * target + (1 - m) * online (backbone and projector)."""

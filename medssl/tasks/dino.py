@@ -159,6 +159,9 @@ class DINOTask(Task):
         batch_center = mean_over_ranks(t_out.mean(0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
+    def teachers(self):
+        return [(self.teacher, self.backbone), (self.teacher_head, self.head)]
+
     @torch.no_grad()
     def step_end(self, progress: float) -> None:
         """teacher <- m * teacher + (1 - m) * student."""

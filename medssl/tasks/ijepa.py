@@ -92,6 +92,9 @@ class IJEPATask(Task):
             cosine = F.cosine_similarity(prediction.float(), target, dim=-1)[valid].mean()
         return {"loss": loss, "prediction_cosine": cosine, "context_share": context.float().mean()}
 
+    def teachers(self):
+        return [(self.target, self.backbone)]
+
     @torch.no_grad()
     def step_end(self, progress: float) -> None:
         """target <- m * target + (1 - m) * backbone."""

@@ -177,6 +177,9 @@ class QueryBoxTask(Task):
         iou = self.localise(batch)["iou"]
         return {"mean_iou": iou.mean(), "iou_above_half": (iou > 0.5).float().mean()}
 
+    def teachers(self):
+        return [] if self.teacher is None else [(self.teacher, self.backbone)]
+
     @torch.no_grad()
     def step_end(self, progress: float) -> None:
         if self.teacher is not None:

@@ -259,3 +259,27 @@ def test_each_task_draws_on_the_batch_it_trained_on(tmp_path):
     assert "views" in seen["dino"] and "views" not in seen["mae"]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["dino_epoch001.png", "dino_final.png", "mae_epoch001.png", "mae_final.png"]
     assert pictures.batches["dino"]["views"].shape[0] == 2  # the first n samples are kept
+
+
+def test_a_fresh_run_can_start_from_another_encoder_and_its_teacher_starts_equal(tmp_path):
+    from medssl.engine import InitialEncoder
+
+    torch.manual_seed(0)
+    source = ViT(2, 1, patch_size=4, size="micro")
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(1)
+    vit = ViT(2, 1, patch_size=4, size="micro")
+    dino = DINOTask(vit, out_dim=32, hidden_dim=16, bottleneck_dim=8)
+    net = MultiTask([dino])
+    loader = pretrain_loader(_dataset(8), batch_size=4, seed=1, views=[multi_crop(2, 16, 8, n_local=2)], schedule=net.schedule)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.0)  # no step moves the weights: what was loaded stays
+    trainer = PretrainTrainer("cpu", 1, loader, net, opt, seed=3, amp=False, quiet=True,
+                              train_handlers=[InitialEncoder(tmp_path / "model.pt", net)])
+    trainer.run()
+    for (name, a), b in zip(source.state_dict().items(), vit.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(dino.teacher.parameters(), vit.parameters()):
+        assert torch.equal(a, b)  # the EMA teacher starts from the loaded encoder, not from the old random one
+    with pytest.raises(ValueError, match="does not fit this encoder"):
+        InitialEncoder(tmp_path / "model.pt", MultiTask([MAETask(ViT(2, 1, patch_size=8, size="micro"))]))._load(
+            type("E", (), {"state": type("S", (), {"iteration": 0})()})())
