@@ -65,13 +65,22 @@ class Task(nn.Module):
         """
         self.progress = float(progress)
 
+    @torch.no_grad()
     def step_end(self, progress: float) -> None:
-        """Called after every optimizer step, whichever task ran it (EMA teachers follow the shared
-        backbone through every task's updates)."""
+        """Called after every optimizer step, whichever task ran it: each of :meth:`teachers` moves
+        towards its student, ``t <- m * t + (1 - m) * s`` with ``m = ema_momentum(progress, self.momentum)``
+        (EMA teachers follow the shared backbone through every task's updates)."""
+        pairs = self.teachers()
+        if pairs:
+            from .ema import ema_momentum, ema_update
+
+            momentum = ema_momentum(progress, self.momentum)
+            for teacher, student in pairs:
+                ema_update(teacher, student, momentum)
 
     def teachers(self) -> list[tuple[nn.Module, nn.Module]]:
-        """``(teacher, student)`` pairs of the EMA copies this task keeps (none by default); a run that
-        starts from another encoder's weights resets each teacher to its student."""
+        """``(teacher, student)`` pairs of the EMA copies this task keeps (none by default). They follow
+        their students in :meth:`step_end`; a run that starts from another encoder resets them to it."""
         return []
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..models.base import batch_context
 from .base import Task, register_task
-from .ema import ema_momentum, ema_update, frozen_copy
+from .ema import frozen_copy
 from .heads import ProjectionMLP
 from .two_views import pair_views
 
@@ -78,11 +78,6 @@ class BYOLTask(Task):
     def teachers(self):
         return [(self.target, self.backbone), (self.target_projector, self.projector)]
 
-    @torch.no_grad()
-    def step_end(self, progress: float) -> None:
-        """target <- m * target + (1 - m) * online (backbone and projector)."""
-        ema_update([*self.target.parameters(), *self.target_projector.parameters()],
-                   [*self.backbone.parameters(), *self.projector.parameters()], ema_momentum(progress, self.momentum))
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -162,11 +162,6 @@ class DINOTask(Task):
     def teachers(self):
         return [(self.teacher, self.backbone), (self.teacher_head, self.head)]
 
-    @torch.no_grad()
-    def step_end(self, progress: float) -> None:
-        """teacher <- m * teacher + (1 - m) * student."""
-        ema_update([*self.teacher.parameters(), *self.teacher_head.parameters()],
-                   [*self.backbone.parameters(), *self.head.parameters()], ema_momentum(progress, self.momentum))
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:

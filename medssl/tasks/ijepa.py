@@ -24,7 +24,7 @@ from torch import nn
 
 from ..models.base import GridEncoder
 from .base import Task, register_task
-from .ema import ema_momentum, ema_update, frozen_copy
+from .ema import frozen_copy
 from .heads import JEPAPredictor
 from .masking import mask_to_keep
 
@@ -95,10 +95,6 @@ class IJEPATask(Task):
     def teachers(self):
         return [(self.target, self.backbone)]
 
-    @torch.no_grad()
-    def step_end(self, progress: float) -> None:
-        """target <- m * target + (1 - m) * backbone."""
-        ema_update(self.target, self.backbone, ema_momentum(progress, self.momentum))
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -32,7 +32,6 @@ from ..models.blocks import CrossBlock
 from ..models.position import sincos_position_embedding
 from .base import Task, register_task
 from .box_matching import box_losses, centre_size_to_corners, corners_to_centre_size, group_mask, match, matched_iou
-from .ema import ema_momentum, ema_update
 
 __all__ = ["QueryBoxTask"]
 
@@ -180,10 +179,6 @@ class QueryBoxTask(Task):
     def teachers(self):
         return [] if self.teacher is None else [(self.teacher, self.backbone)]
 
-    @torch.no_grad()
-    def step_end(self, progress: float) -> None:
-        if self.teacher is not None:
-            ema_update(self.teacher, self.backbone, ema_momentum(progress, self.momentum))
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
