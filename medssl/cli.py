@@ -116,7 +116,7 @@ def _plan(args):
     split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
     return EvalPlan(fractions=tuple(float(v) for v in split(args.fractions)), seeds=args.seeds, methods=split(args.methods),
                     baselines=split(args.baselines), poolings=split(args.poolings), epochs=args.epochs,
-                    finetune_pooling=args.finetune_pooling)
+                    finetune_pooling=args.finetune_pooling, optimizer=args.optimizer, dba_strategy=args.dba_strategy)
 
 
 def _evaluate(args) -> int:
@@ -302,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, default=30, help="fine-tuning / from-scratch epochs (early stopping)")
         p.add_argument("--finetune-pooling", choices=("cls", "mean", "flatten"), default="cls",
                        help="pooling of the fine-tuned and from-scratch ViT's head (default cls)")
+        from .optim.names import OPTIMIZERS, STRATEGIES
+
+        p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", metavar="{adamw,sgd,adam,dba,edba,...}",
+                       help="optimizer of fine-tuning and the trained baselines (default adamw); dba / edba adapt the batch "
+                            "size per epoch (Dynamic Batch Adaptation; dba-sgd, edba-adam ... choose the inner optimizer)")
+        p.add_argument("--dba-strategy", choices=STRATEGIES, default="variance_norm", help="DBA's stride selection (default variance_norm)")
 
     p = sub.add_parser("evaluate", help="linear probe, kNN and fine-tuning at several label fractions, with baselines")
     p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")

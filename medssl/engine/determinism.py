@@ -24,7 +24,7 @@ from ..data.fields import collate_fields
 from ..distributed import is_distributed, world_size
 from ..distributed import rank as this_rank
 
-__all__ = ["derive_seed", "EpochSampler", "BinnedBatchSampler", "SeededDataset", "pretrain_loader"]
+__all__ = ["derive_seed", "EpochSampler", "BinnedBatchSampler", "AdaptiveBatchSampler", "SeededDataset", "pretrain_loader"]
 
 
 def derive_seed(*keys: int) -> int:
@@ -64,6 +64,35 @@ class EpochSampler(torch.utils.data.Sampler):
         order += order[: len(self) * self.num_replicas - self.size]  # equal share per rank
         mine = order[self.rank:: self.num_replicas]
         return iter([(epoch, start + k, i) for k, i in enumerate(mine[start:])])
+
+
+class AdaptiveBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``sampler``'s indices whose size may change between epochs (DBA and EDBA set it).
+
+    ``batch_size`` is read when an epoch starts; the engine sets it after each epoch from the
+    optimizer's :meth:`next_batch_size`. A last batch of one item is dropped when the epoch has more
+    than two (``drop_single``: one item breaks batch norm and gives no per-sample contrast).
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_single: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sampler, self.batch_size, self.drop_single = sampler, int(batch_size), drop_single
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return -(-n // self.batch_size) - int(self.drop_single and n > 2 and n % self.batch_size == 1)
+
+    def __iter__(self):
+        size, n = self.batch_size, len(self.sampler)
+        batch = []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch and not (self.drop_single and n > 2 and len(batch) == 1):
+            yield batch
 
 
 class BinnedBatchSampler(torch.utils.data.Sampler):

@@ -22,18 +22,19 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-from ..distributed import rank
+from ..distributed import rank, world_size
+from ..errors import UserError
 from ..tasks.base import Task
 from .checkpoint import unwrap
-from .determinism import BinnedBatchSampler, EpochSampler, derive_seed
+from .determinism import AdaptiveBatchSampler, BinnedBatchSampler, EpochSampler, derive_seed
 from .multitask import MultiTask
 
-__all__ = ["PretrainTrainer", "autocast_dtype", "prepare_task_batch"]
+__all__ = ["PretrainTrainer", "autocast_dtype", "prepare_task_batch", "SelectingOptimizerRefused"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,14 @@ def prepare_task_batch(batchdata: dict, device: torch.device | str | None = None
     return {k: v.to(device, non_blocking=non_blocking, **kwargs) if isinstance(v, torch.Tensor) else v for k, v in batchdata.items()}
 
 
+class SelectingOptimizerRefused(UserError, ValueError):
+    """DBA / EDBA asked for where they cannot run (several processes, several tasks)."""
+
+
+def _fills_gradients(optimizer) -> bool:
+    return callable(getattr(optimizer, "compute_gradients", None))
+
+
 class PretrainTrainer(SupervisedTrainer):
     """Training of tasks (self-supervised, supervised, or a mix) on ``monai.engines``.
 
@@ -103,6 +112,12 @@ class PretrainTrainer(SupervisedTrainer):
         prepare_batch: ``(batch, device, non_blocking, **kwargs) -> dict`` (default :func:`prepare_task_batch`).
         quiet: log the start and skipped steps at debug level (the evaluation's many short runs
             report one summary line instead; ``skipped_steps`` counts them).
+
+    An optimizer with ``compute_gradients(task, batch)`` (:class:`~medssl.optim.DBA`,
+    :class:`~medssl.optim.EDBA`) fills the gradients itself in place of the forward + backward; one
+    with ``next_batch_size()`` sets the batch size of the next epoch after each epoch, which the loader
+    follows when its ``batch_sampler`` is an :class:`~medssl.engine.determinism.AdaptiveBatchSampler`
+    (the run then ends after ``max_epochs`` epochs however many steps they took).
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader, network, optimizer,
@@ -131,9 +146,49 @@ class PretrainTrainer(SupervisedTrainer):
         self.skipped_steps = 0  # all steps skipped in this run (non-finite loss or gradient)
         self.quiet = quiet
         self._positioned = False
+        self.selecting = _fills_gradients(optimizer)
+        if self.selecting:
+            self._check_selecting(network)
+            self.scaler = None  # the optimizer computes unscaled gradients itself
+        self.adaptive_batches = callable(getattr(optimizer, "next_batch_size", None))
+        if self.adaptive_batches:
+            self.add_event_handler(Events.STARTED, self._apply_batch_size)
+            self.add_event_handler(Events.EPOCH_COMPLETED, self._next_batch_size)
         self.add_event_handler(Events.STARTED, self._reset_position)
         self.add_event_handler(Events.EPOCH_STARTED, self._position_sampler)
         (logger.debug if quiet else logger.info)("training on %s, autocast %s", device, self.autocast)
+
+    # -- optimizers that choose samples and batch sizes (DBA, EDBA) --------------------------
+    def _check_selecting(self, network) -> None:
+        name = type(self.optimizer).__name__
+        if world_size() > 1:
+            raise SelectingOptimizerRefused(f"{name} chooses among one process's per-sample gradients; it does not run under "
+                                            f"DDP ({world_size()} processes): use adamw or sgd there, or run on one process")
+        tasks = unwrap(network)
+        if len(tasks.names) != 1:
+            raise SelectingOptimizerRefused(f"{name} trains one supervised task; this run mixes {', '.join(tasks.names)}")
+
+    def _apply_batch_size(self, engine) -> None:
+        """At the start (also of a resumed run): the loader takes the optimizer's batch size."""
+        sampler = getattr(self.data_loader, "batch_sampler", None)
+        if not isinstance(sampler, AdaptiveBatchSampler):
+            logger.warning("%s adapts the batch size, but the loader's batch sampler is not an AdaptiveBatchSampler: "
+                           "the batch size stays %s", type(self.optimizer).__name__, self.data_loader.batch_size)
+            return
+        sampler.batch_size = self.optimizer.batch_size
+        engine.state.epoch_length = len(self.data_loader)
+
+    def _next_batch_size(self, engine) -> None:
+        size = self.optimizer.next_batch_size()
+        sampler = getattr(self.data_loader, "batch_sampler", None)
+        if isinstance(sampler, AdaptiveBatchSampler) and sampler.batch_size != size:
+            sampler.batch_size = size
+            engine.state.epoch_length = len(self.data_loader)
+
+    def _is_done(self, state) -> bool:  # an instance method where ignite has a static one: epochs decide when batches vary
+        if getattr(self, "adaptive_batches", False) and state.max_epochs is not None:
+            return state.epoch >= state.max_epochs or (state.max_iters is not None and state.iteration >= state.max_iters)
+        return Engine._is_done(state)
 
     # -- exact resume ---------------------------------------------------------------------
     def _reset_position(self, engine) -> None:
@@ -181,7 +236,11 @@ class PretrainTrainer(SupervisedTrainer):
         tasks.step_start(progress)
         engine.state.output = {Keys.IMAGE: batch.get("image"), Keys.LABEL: batch.get("label")}
         with torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            out = engine.network(batch, iteration)
+            if self.selecting:  # DBA / EDBA: the optimizer runs the task and fills the gradients
+                task = tasks.tasks[tasks.names[0]]
+                out = dict(engine.optimizer.compute_gradients(task, batch))
+            else:
+                out = engine.network(batch, iteration)
             engine.state.output[Keys.PRED] = out
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss = out["loss"]
@@ -189,7 +248,9 @@ class PretrainTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if not torch.isfinite(loss):
             return self._bad_step(iteration, f"non-finite loss {float(loss.detach())}")
-        if self.scaler is not None:
+        if self.selecting:
+            pass
+        elif self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(engine.optimizer)
         else:

@@ -60,11 +60,28 @@ class EvalPlan:
     patience: int = 5
     batch_size: int = 64
     lr: float = 1e-3
+    optimizer: str = "adamw"  # of fine-tuning and the trained baselines: adamw, sgd, adam, dba[-sgd|-adam], edba[-...]
+    dba_strategy: str = "variance_norm"
 
     def __post_init__(self):
         unknown = (set(self.methods) - {*FROZEN, "finetune"}) | (set(self.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown methods/baselines {sorted(unknown)}")
+        from ..optim.names import STRATEGIES, parse_optimizer
+
+        parse_optimizer(self.optimizer)
+        if self.dba_strategy not in STRATEGIES:
+            raise ValueError(f"unknown DBA strategy {self.dba_strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+    def optimizer_for(self, method: str) -> tuple[str, dict]:
+        """The optimizer ``method`` trains with, and its options. DBA needs per-sample gradients, which
+        the ResNet-18's batch norm does not have: that baseline trains with DBA's inner optimizer."""
+        from ..optim.names import parse_optimizer
+
+        wrapper, inner = parse_optimizer(self.optimizer)
+        if wrapper == "dba" and method == "resnet18":
+            return inner, {}
+        return self.optimizer, ({"strategy": self.dba_strategy} if wrapper == "dba" else {})
 
 
 @torch.no_grad()
@@ -129,7 +146,7 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
     # exact kNN), and the 100 % subset is the same at every seed: each is computed once.
     by_subset: dict[tuple, tuple] = {}
 
-    def run(method, pooling, fraction, seed, compute, subset: np.ndarray | None = None):
+    def run(method, pooling, fraction, seed, compute, subset: np.ndarray | None = None, extra: dict | None = None):
         """``compute() -> (n_train, scores)`` unless the journal already has this result (or, for a
         deterministic method, ``subset`` was already evaluated at another seed)."""
         done = journal.done.get((method, pooling, float(fraction), seed))
@@ -142,7 +159,7 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
                 if key is not None:
                     by_subset[key] = (n_train, scores)
             done = {"method": method, "pooling": pooling, "fraction": fraction, "seed": seed, "split": report,
-                    "n_train": int(n_train), **classification_metrics(yrep_np, scores)}
+                    "n_train": int(n_train), **classification_metrics(yrep_np, scores), **(extra or {})}
             journal.add(done)
         records.append(done)
         bar.update(1)
@@ -174,11 +191,14 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
                     else:
                         model = ClassificationTask(make_encoder(method == "finetune"), num_classes, pooling=plan.finetune_pooling)
                     train_idx, stop_x, stop_y = _stop_split(idx, ytr_np, seed, splits)
+                    optimizer, options = plan.optimizer_for(method)
                     train_classifier(model, xtr[train_idx], ytr[train_idx], stop_x, stop_y, epochs=plan.epochs,
                                      batch_size=plan.batch_size, lr=plan.lr, patience=plan.patience, seed=seed,
-                                     layer_decay=0.75 if method == "finetune" else None, device=device)
+                                     layer_decay=0.75 if method == "finetune" else None, device=device,
+                                     optimizer=optimizer, optimizer_options=options)
                     return len(train_idx), model.predict(xrep)
-                run(method, plan.finetune_pooling if method != "resnet18" else "-", fraction, seed, supervised_scores)
+                run(method, plan.finetune_pooling if method != "resnet18" else "-", fraction, seed, supervised_scores,
+                    extra={"optimizer": plan.optimizer_for(method)[0]})
     bar.close()
     return {"split": report, "plan": asdict(plan), "records": records, "table": aggregate(records)}
 
@@ -225,6 +245,10 @@ def write_reports(result: dict, out: str | os.PathLike, title: str = "") -> list
     fractions = sorted({r["fraction"] for r in table})
     lines = [f"# {title or 'Evaluation'}", "", f"Reported on the **{result['split']}** split; mean ± std over "
              f"{result['plan']['seeds']} seeds; same label subsets for every row.", ""]
+    trained = sorted({r["optimizer"] for r in result["records"] if "optimizer" in r})
+    if trained:
+        lines += [f"Fine-tuning and trained baselines: {', '.join(trained)} (batch size {result['plan'].get('batch_size', 64)}"
+                  f"{', adapted per epoch' if any(o.startswith(('dba', 'edba')) for o in trained) else ''}).", ""]
     for metric in METRICS:
         lines += [f"## {metric}", "", *markdown_table(table, metric, fractions, ("method", "pooling")), ""]
     (out / "results.md").write_text("\n".join(lines))

@@ -6,11 +6,16 @@ comparison is fair:
 
 - :func:`layer_decay_groups`: layer-wise learning-rate decay for ViTs (BEiT / MAE fine-tuning):
   block ``i`` of ``L`` trains at ``lr * decay ** (L - i)``, the head at ``lr``;
-- :func:`train_classifier`: AdamW, warm-up + cosine per step, cross-entropy, early stopping on
+- :func:`train_classifier`: AdamW (or SGD, Adam, DBA, EDBA: ``optimizer``), warm-up + cosine per step, cross-entropy, early stopping on
   the ``stop`` split's AUC with a patience; the best weights are restored at the end. Each epoch's
   order is the next ``torch.randperm`` of one generator seeded with ``seed`` (what the loop that
   came before the engine drew, so recorded figures reproduce); a last batch of one image is
   dropped (it would break the ResNet baseline's batch norm).
+
+With DBA / EDBA (:mod:`medssl.optim`) the batch size changes between epochs: the loader's batches
+come from an :class:`~medssl.engine.determinism.AdaptiveBatchSampler` and the LR schedule follows
+the fraction of epochs done instead of a step count fixed in advance. DBA needs per-sample
+gradients, which batch norm does not have: the ResNet-18 baseline is refused (one line) under DBA.
 """
 
 from __future__ import annotations
@@ -96,27 +101,50 @@ class _EarlyStopping:
 def train_classifier(task: ClassificationTask, train_x: torch.Tensor, train_y: torch.Tensor, stop_x: torch.Tensor,
                      stop_y: torch.Tensor, epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05,
                      layer_decay: float | None = 0.75, patience: int = 5, warmup_epochs: int = 2, seed: int = 0,
-                     device: str | torch.device = "cpu") -> dict:
+                     device: str | torch.device = "cpu", optimizer: str = "adamw", optimizer_options: dict | None = None) -> dict:
     """Train ``task`` on ``(train_x, train_y)``; stop when AUC on ``(stop_x, stop_y)`` has not improved for ``patience`` epochs.
 
-    Returns ``{"best_epoch", "epochs_run", "history": [stop-split metrics per epoch]}``; ``task`` ends with its best weights.
+    ``optimizer``: a name of :data:`medssl.optim.OPTIMIZERS` (``optimizer_options`` go to DBA / EDBA).
+    Returns ``{"best_epoch", "epochs_run", "history": [stop-split metrics per epoch], "batch_sizes"}``
+    (``batch_sizes``: the batch size of each epoch); ``task`` ends with its best weights.
     """
+    from ..engine.determinism import AdaptiveBatchSampler
     from ..engine.lr_schedule import WarmupCosine
     from ..engine.trainer import PretrainTrainer
+    from ..optim import build_optimizer
 
     torch.manual_seed(seed)
     device = torch.device(device)
     task.to(device)
     groups = layer_decay_groups(task, lr, weight_decay, layer_decay) if layer_decay else [{"params": list(task.parameters())}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    opt = build_optimizer(optimizer, groups, task, lr=lr, weight_decay=weight_decay, batch_size=batch_size, **(optimizer_options or {}))
+    adaptive = callable(getattr(opt, "next_batch_size", None))
     steps_per_epoch = max(1, math.ceil(len(train_x) / batch_size))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
     n = len(train_x)
-    loader = torch.utils.data.DataLoader(_Items(train_x, train_y), batch_size=batch_size, sampler=ReplayShuffle(n, seed),
-                                         drop_last=n > 2 and n % batch_size == 1)
+    if adaptive:
+        loader = torch.utils.data.DataLoader(_Items(train_x, train_y), batch_sampler=AdaptiveBatchSampler(ReplayShuffle(n, seed), batch_size))
+    else:
+        loader = torch.utils.data.DataLoader(_Items(train_x, train_y), batch_size=batch_size, sampler=ReplayShuffle(n, seed),
+                                             drop_last=n > 2 and n % batch_size == 1)
     stopping = _EarlyStopping(task, stop_x, stop_y, patience)
-    trainer = PretrainTrainer(device, epochs, loader, task, optimizer, amp="auto", clip_grad_norm=3.0, seed=seed,
+    trainer = PretrainTrainer(device, epochs, loader, task, opt, amp="auto", clip_grad_norm=3.0, seed=seed,
                               max_bad_steps=epochs * steps_per_epoch, quiet=True)
+    sizes: list[int] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sizes.append(getattr(loader.batch_sampler, "batch_size", batch_size)))
+    if adaptive:  # steps per epoch vary: the schedule follows the fraction of epochs done (in thousandths)
+        shape = WarmupCosine(epochs * 1000, warmup_epochs * 1000)
+
+        def fraction_done(_step: int) -> float:
+            state = trainer.state
+            done = 0 if state.epoch_length is None or not state.epoch else \
+                (state.epoch - 1) + (state.iteration - trainer.epoch_start_iteration) / state.epoch_length
+            return shape(int(1000 * done))
+
+        trainer.epoch_start_iteration = 0
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e, "epoch_start_iteration", e.state.iteration))
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, fraction_done)
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: schedule.step())
     trainer.add_event_handler(Events.EPOCH_COMPLETED, stopping)
     trainer.run()
@@ -125,4 +153,4 @@ def train_classifier(task: ClassificationTask, train_x: torch.Tensor, train_y: t
         logger.warning("%d of %d steps skipped (non-finite loss or gradient, e.g. a bf16 overflow)", trainer.skipped_steps,
                        trainer.state.iteration)
     return {"best_epoch": stopping.best_epoch, "epochs_run": len(stopping.history), "history": stopping.history,
-            "skipped_steps": trainer.skipped_steps}
+            "skipped_steps": trainer.skipped_steps, "batch_sizes": sizes}

@@ -36,6 +36,11 @@ class Task(nn.Module):
 
     name = "task"
 
+    #: ``per_sample_loss(batch) -> (B,)``: each sample's own loss, for tasks whose loss is a mean over
+    #: independent samples (the supervised task). DBA differentiates it per sample; None (the
+    #: default, every self-supervised task: their losses couple a batch's samples) refuses DBA.
+    per_sample_loss = None
+
     def __init__(self, backbone: Encoder) -> None:
         super().__init__()
         self.backbone = backbone

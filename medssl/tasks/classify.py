@@ -68,6 +68,12 @@ class ClassificationTask(Task):
             accuracy = (logits[labelled].argmax(-1) == y[labelled]).float().mean()
         return {"loss": loss, "accuracy": accuracy}
 
+    def per_sample_loss(self, batch: dict) -> torch.Tensor:
+        """``(B,)`` cross-entropy of each item (0 for unlabelled ones); its mean over labelled items is ``forward``'s loss."""
+        logits = self.logits(batch[self.image_key], batch).float()
+        y = torch.as_tensor(batch[self.label_key], device=logits.device).long().view(-1)
+        return F.cross_entropy(logits, y, reduction="none", ignore_index=-1)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """Softmax probabilities ``(N, num_classes)`` of images ``x`` (any device; computed on the task's)."""
