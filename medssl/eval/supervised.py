@@ -133,14 +133,17 @@ def train_classifier(task: ClassificationTask, train_x: torch.Tensor, train_y: t
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sizes.append(getattr(loader.batch_sampler, "batch_size", batch_size)))
     if adaptive:  # steps per epoch vary: the schedule follows the fraction of epochs done (in thousandths)
         shape = WarmupCosine(epochs * 1000, warmup_epochs * 1000)
+        trainer.epoch_start_iteration = 0
 
         def fraction_done(_step: int) -> float:
+            """The factor of the next step: as the per-step schedule's ``(i + 1) / warmup`` with epochs of varying length."""
             state = trainer.state
-            done = 0 if state.epoch_length is None or not state.epoch else \
-                (state.epoch - 1) + (state.iteration - trainer.epoch_start_iteration) / state.epoch_length
-            return shape(int(1000 * done))
+            length = state.epoch_length or len(loader)
+            done = 1000 * (max(0, state.epoch - 1) + (state.iteration - trainer.epoch_start_iteration) / length) if state.epoch else 0.0
+            if done < shape.warmup_steps:
+                return (done + 1000 / length) / shape.warmup_steps
+            return shape(round(done))
 
-        trainer.epoch_start_iteration = 0
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e, "epoch_start_iteration", e.state.iteration))
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, fraction_done)
     else:
