@@ -19,7 +19,7 @@ import torch
 
 from .adaptive import AdaptiveOptimizer
 from .batch_size import batch_size_rule
-from .per_sample import layer_groups, per_sample_gradients
+from .per_sample import layer_groups, stride_gradients
 from .selection import STRATEGIES, select_strides
 
 __all__ = ["DBA"]
@@ -45,17 +45,17 @@ class DBA(AdaptiveOptimizer):
         self.stride_size, self.strategy, self.chunk_size = stride_size, strategy, chunk_size
 
     def compute_gradients(self, task: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Set every trainable parameter's ``.grad`` to the mean of its layer's chosen per-sample gradients."""
-        losses, grads = per_sample_gradients(task, batch, self.chunk_size)
+        """Set every trainable parameter's ``.grad`` to the mean gradient of its layer's chosen strides' samples."""
+        losses, grads, counts = stride_gradients(task, batch, self.stride_size, self.chunk_size)
         params = dict(task.named_parameters())
         chosen = []
         for names in layer_groups(grads).values():
-            flat = torch.cat([grads[n].flatten(1) for n in names], 1)
-            keep = select_strides(flat, self.stride_size, self.strategy)
-            chosen.append(len(keep))
-            for n in names:
-                params[n].grad = grads[n][keep].mean(0).to(params[n].dtype)
-        self.epoch_values.extend(float(c) for c in chosen)
+            keep = select_strides([grads[n] for n in names], counts, self.strategy)
+            n = counts[keep].sum()
+            chosen.append(float(n))
+            for name in names:
+                params[name].grad = (grads[name][keep].sum(0) / n).to(params[name].dtype)
+        self.epoch_values.extend(chosen)
         return {"loss": losses.float().mean(), "selected": torch.tensor(sum(chosen) / max(1, len(chosen)))}
 
     def _decide(self) -> tuple[int, float]:

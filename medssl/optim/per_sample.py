@@ -1,10 +1,13 @@
-"""Exact per-sample gradients, grouped by layer.
+"""Exact per-sample (and per-stride) gradients, grouped by layer.
 
-:func:`per_sample_gradients` differentiates each sample's loss on its own with ``torch.func``
-(``vmap`` over ``grad`` of a ``functional_call``): one batched pass instead of ``B`` backward
-passes, exact for any network whose samples do not interact. Batch norm in training mode mixes the
-samples of a batch (a sample's gradient is then not defined on its own), so such networks are
-refused with a clear message. Memory: ``B`` copies of the trainable parameters' gradients.
+:func:`stride_gradients` differentiates the summed loss of each stride of ``stride_size``
+consecutive samples on its own with ``torch.func`` (``vmap`` over ``grad`` of a
+``functional_call``): one batched pass instead of one backward pass per stride, exact for any
+network whose samples do not interact. :func:`per_sample_gradients` is the case of strides of one.
+DBA selects whole strides, so it needs only the strides' gradients: ``B / stride_size`` copies of
+the trainable parameters' gradients instead of ``B``. Batch norm in training mode mixes the samples
+of a batch (a sample's gradient is then not defined on its own), so such networks are refused with
+a clear message.
 
 :func:`linear_per_sample` is the cheap exact route for one linear layer: the gradient of sample
 ``i``'s loss with respect to ``W`` is the outer product of the back-propagated output gradient and
@@ -18,7 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 
-__all__ = ["per_sample_gradients", "layer_groups", "linear_per_sample", "NotPerSample"]
+__all__ = ["per_sample_gradients", "stride_gradients", "layer_groups", "linear_per_sample", "NotPerSample"]
 
 
 class NotPerSample(UserError, ValueError):
@@ -49,15 +52,19 @@ class _PerSampleLoss(nn.Module):
         return self.task.per_sample_loss(batch)
 
 
-def per_sample_gradients(task: nn.Module, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(losses (B,), {parameter name: (B, *shape) gradients})`` of ``task.per_sample_loss`` for every trainable parameter.
+def stride_gradients(task: nn.Module, batch: dict, stride_size: int = 1, chunk_size: int | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """``(losses (B,), {parameter name: (S, *shape)}, counts (S,))``: each stride's summed-loss gradient.
 
-    The batch's tensors that have the batch dimension are split into samples; everything else
-    (lists of strings, scalars) is left out of the per-sample calls.
+    Stride ``k`` holds samples ``k * stride_size`` to ``(k + 1) * stride_size - 1`` (the last may be
+    shorter: it is padded with copies whose loss counts zero). The batch's tensors that have the
+    batch dimension are split; everything else (lists of strings, scalars) is left out.
     """
     if getattr(type(task), "per_sample_loss", None) is None:
         raise NotPerSample(f"{type(task).__name__} has no per-sample loss (its loss couples the samples of a batch); "
                            "dba needs a supervised task")
+    if stride_size < 1:
+        raise ValueError(f"stride_size must be >= 1, got {stride_size}")
     _check_independent(task)
     from torch.func import functional_call, grad_and_value, vmap
 
@@ -66,15 +73,34 @@ def per_sample_gradients(task: nn.Module, batch: dict, chunk_size: int | None = 
     frozen = {n: p.detach() for n, p in wrapper.named_parameters() if not p.requires_grad}
     buffers = dict(wrapper.named_buffers())
     size = len(batch[getattr(task, "image_key", "image")])
-    samples = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.ndim >= 1 and len(v) == size}
+    strides = -(-size // stride_size)
+    pad = strides * stride_size - size
+    weight = torch.ones(strides * stride_size, device=batch[getattr(task, "image_key", "image")].device)
+    if pad:
+        weight[size:] = 0
 
-    def loss_of_one(p, sample):
-        one = {k: v.unsqueeze(0) for k, v in sample.items()}
-        return functional_call(wrapper, (p, frozen, buffers), (one,)).sum()
+    def split(v: torch.Tensor) -> torch.Tensor:
+        if pad:
+            v = torch.cat([v, v[-1:].expand(pad, *v.shape[1:])])
+        return v.reshape(strides, stride_size, *v.shape[1:])
 
-    grads, losses = vmap(grad_and_value(loss_of_one), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(params, samples)
+    samples = {k: split(v) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.ndim >= 1 and len(v) == size}
+
+    def loss_of_stride(p, stride, w):
+        losses = functional_call(wrapper, (p, frozen, buffers), (stride,)).float()
+        return (losses * w).sum(), losses
+
+    grads, losses = vmap(grad_and_value(loss_of_stride, has_aux=True), in_dims=(None, 0, 0), randomness="different",
+                         chunk_size=chunk_size)(params, samples, weight.view(strides, stride_size))
+    counts = weight.view(strides, stride_size).sum(1)
     prefix = len("task.")
-    return losses.detach(), {n[prefix:]: g for n, g in grads.items()}
+    return losses[1].detach().flatten()[:size], {n[prefix:]: g for n, g in grads.items()}, counts
+
+
+def per_sample_gradients(task: nn.Module, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(losses (B,), {parameter name: (B, *shape) gradients})`` of ``task.per_sample_loss`` for every trainable parameter."""
+    losses, grads, _ = stride_gradients(task, batch, 1, chunk_size)
+    return losses, grads
 
 
 def linear_per_sample(inputs: torch.Tensor, grad_output: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,65 +1,64 @@
-"""Which of a layer's per-sample gradients make its update (DBA's ``SplitStrides`` and ``SelectionStrategy``).
+"""Which strides of a layer's gradients make its update (DBA's ``SplitStrides`` and ``SelectionStrategy``).
 
-A layer's ``B`` per-sample gradients (rows of ``(B, P)``) are cut into strides of ``stride_size``
-consecutive samples (the last may be shorter). The strides are ranked by how well their mean
-agrees with the batch's (cosine, highest first), and the strategy picks how many of the ranked
-strides to keep (a prefix of ``k``), judging the chosen samples' gradients ``g_1 .. g_n`` by
+The batch is cut into strides of ``stride_size`` consecutive samples (the last may be shorter);
+each stride's gradient ``s_a`` (the sum of its samples', from
+:func:`~.per_sample.stride_gradients`) and its mean ``m_a = s_a / n_a`` are the units of selection.
+The strides are ranked by how well their mean agrees with the batch's (cosine, highest first), and
+the strategy picks how many of the ranked strides to keep (a prefix of ``k >= 2``), judging the
+chosen strides' means ``m_1 .. m_k`` (their average ``m``, the noise of that average
+``v = sum ||m_a - m||^2 / (k (k - 1))``, an unbiased estimate of ``tr Cov(m)``) by
 
 - ``gradient_norm``: the estimated squared norm of their expected gradient, maximised:
-  ``||mean||^2 - tr(cov) / n``. ``||mean||^2`` alone grows as ``n`` shrinks (noise does not
-  cancel); subtracting the noise it carries, ``tr(cov) / n``, leaves an unbiased estimate of the
-  signal the chosen samples share;
-- ``variance_norm``: the update's noise relative to its size, minimised: ``(tr(cov) / n) / ||mean||^2``
-  (the spread of the mean over its squared norm): consistent samples lower it, conflicting ones raise it;
-- ``all``: every stride (the plain mean gradient, exactly).
+  ``||m||^2 - v``. ``||m||^2`` alone grows as ``k`` shrinks (noise cancels less); subtracting the
+  noise it carries leaves an unbiased estimate of the signal the chosen strides share;
+- ``variance_norm``: the update's noise relative to its size, minimised: ``v / ||m||^2``;
+  consistent strides lower it, conflicting ones raise it;
+- ``all``: every stride: the plain mean gradient, exactly.
 
-The source (Simionescu, "Dynamic Batch Adaptation", arXiv 2208.00815) names the two strategies and
-the stride split but gives no formulas and no code; these definitions are ours. ``cov`` is the
-unbiased sample covariance, so a candidate needs two samples; a stride of one sample alone is
-kept only when the batch has no more.
+Everything is computed from the ``S x S`` Gram matrix of the stride means (summed over a layer's
+parameters), so selection costs one pass over the stride gradients. The source (Simionescu,
+"Dynamic Batch Adaptation", arXiv 2208.00815) names the two strategies and the stride split but
+gives no formulas and no code: these definitions are ours. The kept gradient is the mean over the
+kept strides' samples, ``sum s_a / sum n_a``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from .names import STRATEGIES
 
-__all__ = ["STRATEGIES", "select_strides", "stride_ids"]
+__all__ = ["STRATEGIES", "select_strides"]
 
 
-def stride_ids(batch: int, stride_size: int) -> torch.Tensor:
-    """The stride each of ``batch`` samples belongs to (consecutive runs of ``stride_size``)."""
-    if stride_size < 1:
-        raise ValueError(f"stride_size must be >= 1, got {stride_size}")
-    return torch.arange(batch) // stride_size
+def select_strides(stride_grads: torch.Tensor | Sequence[torch.Tensor], counts: torch.Tensor, strategy: str = "variance_norm"
+                   ) -> torch.Tensor:
+    """The indices (sorted) of the strides ``strategy`` keeps.
 
-
-def select_strides(grads: torch.Tensor, stride_size: int, strategy: str = "variance_norm") -> torch.Tensor:
-    """The sample indices (sorted) of the strides ``strategy`` keeps, from per-sample gradients ``(B, P)``."""
+    ``stride_grads``: one layer's per-stride gradient sums, a tensor ``(S, ...)`` or a list of them
+    (the layer's parameters); ``counts``: the samples in each stride ``(S,)``.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    batch = len(grads)
-    ids = stride_ids(batch, stride_size).to(grads.device)
-    n_strides = int(ids[-1]) + 1
-    if strategy == "all" or n_strides == 1:
-        return torch.arange(batch, device=grads.device)
-    g = grads.flatten(1).double()
-    sums = torch.zeros(n_strides, g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, ids, g)
-    squares = torch.zeros(n_strides, dtype=g.dtype, device=g.device).index_add_(0, ids, (g * g).sum(1))
-    counts = torch.bincount(ids, minlength=n_strides).to(g.dtype)
-    mean = sums.sum(0) / batch
-    agreement = torch.nn.functional.cosine_similarity(sums / counts[:, None], mean[None], dim=1)
+    parts = [stride_grads] if isinstance(stride_grads, torch.Tensor) else list(stride_grads)
+    n_strides = len(parts[0])
+    if strategy == "all" or n_strides <= 2:
+        return torch.arange(n_strides, device=parts[0].device)
+    counts = counts.to(parts[0].device, torch.float64)
+    gram = sum(p.flatten(1).float() @ p.flatten(1).float().T for p in parts).double()
+    gram = gram / counts[:, None] / counts[None, :]  # <m_a, m_b>
+    total = (gram * counts[None, :]).sum(1) / counts.sum()  # <m_a, batch mean>
+    agreement = total / gram.diagonal().clamp_min(1e-300).sqrt()
     order = torch.argsort(-agreement, stable=True)
-    cum_sum, cum_sq, n = sums[order].cumsum(0), squares[order].cumsum(0), counts[order].cumsum(0)
-    mean_sq = (cum_sum * cum_sum).sum(1) / n ** 2
-    trace = (cum_sq - n * mean_sq) / (n - 1).clamp_min(1)  # unbiased tr(cov) of the first k strides' samples
-    noise = trace.clamp_min(0) / n
-    if strategy == "gradient_norm":
-        score = mean_sq - noise
-    else:
-        score = -noise / mean_sq.clamp_min(torch.finfo(g.dtype).tiny)
-    score = torch.where(n >= 2, score, torch.full_like(score, -torch.inf))
-    k = int(torch.argmax(score)) + 1  # the first best prefix
-    keep = torch.isin(ids, order[:k])
-    return torch.nonzero(keep).flatten()
+    ranked = gram[order][:, order]
+    k = torch.arange(1, n_strides + 1, dtype=torch.float64, device=gram.device)
+    prefix_sum = ranked.cumsum(0).cumsum(1).diagonal()  # ||sum of the first k means||^2
+    mean_sq = prefix_sum / k ** 2
+    spread = ranked.diagonal().cumsum(0) - k * mean_sq  # sum ||m_a - m||^2
+    noise = (spread / (k * (k - 1)).clamp_min(1)).clamp_min(0)
+    score = mean_sq - noise if strategy == "gradient_norm" else -noise / mean_sq.clamp_min(1e-300)
+    score = torch.where(k >= 2, score, torch.full_like(score, -torch.inf))
+    best = int(torch.argmax(score)) + 1  # the first best prefix
+    return torch.sort(order[:best]).values
