@@ -3,29 +3,31 @@
 The batch is cut into strides of ``stride_size`` consecutive samples (the last may be shorter);
 each stride's gradient ``s_a`` (the sum of its samples', from
 :func:`~.per_sample.stride_gradients`) and its mean ``m_a = s_a / n_a`` are the units of selection.
-The strides are ranked by how well their mean agrees with the batch's (cosine, highest first), and
-the strategy picks how many of the ranked strides to keep (a prefix of ``k >= 2``), judging the
-chosen strides' means ``m_1 .. m_k`` (their average ``m``, the noise of that average
-``v = sum ||m_a - m||^2 / (k (k - 1))``, an unbiased estimate of ``tr Cov(m)``) by
+``sigma^2``, the spread of one stride's mean, is estimated once from all ``S`` strides
+(``sum ||m_a - mean||^2 / (S - 1)``). A set ``K`` of ``k`` strides, with average ``m``, is judged by
 
-- ``gradient_norm``: the estimated squared norm of their expected gradient, maximised:
-  ``||m||^2 - v``. ``||m||^2`` alone grows as ``k`` shrinks (noise cancels less); subtracting the
-  noise it carries leaves an unbiased estimate of the signal the chosen strides share;
-- ``variance_norm``: the update's noise relative to its size, minimised: ``v / ||m||^2``;
-  consistent strides lower it, conflicting ones raise it;
+- ``gradient_norm``: the estimated squared norm of the gradient its strides share, maximised:
+  ``||m||^2 - sigma^2 / k`` (``||m||^2`` carries noise ``sigma^2 / k``; what is left estimates the
+  signal). Consistent strides raise it (less noise, same signal), conflicting ones lower it;
+- ``variance_norm``: the noise of the update relative to its size, minimised: ``(sigma^2 / k) / ||m||^2``;
 - ``all``: every stride: the plain mean gradient, exactly.
 
-Everything is computed from the ``S x S`` Gram matrix of the stride means (summed over a layer's
-parameters), so selection costs one pass over the stride gradients. The source (Simionescu,
-"Dynamic Batch Adaptation", arXiv 2208.00815) names the two strategies and the stride split but
-gives no formulas and no code: these definitions are ours. The kept gradient is the mean over the
-kept strides' samples, ``sum s_a / sum n_a``.
+The noise is the batch's, not the chosen set's own spread: a set chosen for agreeing would
+otherwise look less noisy than it is, and pairs of strides that agree by chance would win. The
+search is greedy and forward: the best single stride, then repeatedly the stride whose addition
+scores best, which gives one candidate set per size; the best of them is kept (of equally good ones
+the largest). Everything comes from the ``S x S`` Gram matrix of the stride means (summed over a
+layer's parameters), so selection costs one pass over the stride gradients plus ``O(S^2)`` work.
+The source (Simionescu, "Dynamic Batch Adaptation", arXiv 2208.00815) names the two strategies and
+the stride split but gives no formulas and no code: these definitions are ours. The kept gradient
+is the mean over the kept strides' samples, ``sum s_a / sum n_a``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .names import STRATEGIES
@@ -48,17 +50,36 @@ def select_strides(stride_grads: torch.Tensor | Sequence[torch.Tensor], counts: 
         return torch.arange(n_strides, device=parts[0].device)
     counts = counts.to(parts[0].device, torch.float64)
     gram = sum(p.flatten(1).float() @ p.flatten(1).float().T for p in parts).double()
-    gram = gram / counts[:, None] / counts[None, :]  # <m_a, m_b>
-    total = (gram * counts[None, :]).sum(1) / counts.sum()  # <m_a, batch mean>
-    agreement = total / gram.diagonal().clamp_min(1e-300).sqrt()
-    order = torch.argsort(-agreement, stable=True)
-    ranked = gram[order][:, order]
-    k = torch.arange(1, n_strides + 1, dtype=torch.float64, device=gram.device)
-    prefix_sum = ranked.cumsum(0).cumsum(1).diagonal()  # ||sum of the first k means||^2
-    mean_sq = prefix_sum / k ** 2
-    spread = ranked.diagonal().cumsum(0) - k * mean_sq  # sum ||m_a - m||^2
-    noise = (spread / (k * (k - 1)).clamp_min(1)).clamp_min(0)
-    score = mean_sq - noise if strategy == "gradient_norm" else -noise / mean_sq.clamp_min(1e-300)
-    score = torch.where(k >= 2, score, torch.full_like(score, -torch.inf))
-    best = int(torch.argmax(score)) + 1  # the first best prefix
-    return torch.sort(order[:best]).values
+    gram = (gram / counts[:, None] / counts[None, :]).cpu().numpy()  # <m_a, m_b>
+    keep = _greedy(gram, strategy)
+    return torch.as_tensor(sorted(keep), device=parts[0].device)
+
+
+def _score(total: np.ndarray, k: int, noise: float, strategy: str) -> np.ndarray:
+    """The strategy's score (higher is better) of sets of ``k`` strides with ``total = sum_ab <m_a, m_b>``."""
+    mean_sq = total / k ** 2
+    if strategy == "gradient_norm":
+        return mean_sq - noise / k
+    return -(noise / k) / np.maximum(mean_sq, 1e-300)
+
+
+def _greedy(gram: np.ndarray, strategy: str) -> list[int]:
+    n = len(gram)
+    d = np.diag(gram)
+    noise = max(float(d.sum() - gram.sum() / n) / (n - 1), 0.0)  # sigma^2: the spread of one stride's mean
+    scores = _score(d, 1, noise, strategy)
+    first = int(np.argmax(scores))
+    chosen, best_set, best_score = [first], [first], float(scores[first])
+    inside = np.zeros(n, bool)
+    inside[first] = True
+    rows, total = gram[first].copy(), float(d[first])  # rows[c]: sum over the chosen of <m_a, m_c>
+    while len(chosen) < n:
+        scores = _score(total + 2 * rows + d, len(chosen) + 1, noise, strategy)
+        scores[inside] = -np.inf
+        c = int(np.argmax(scores))
+        chosen.append(c)
+        inside[c] = True
+        total, rows = total + 2 * rows[c] + d[c], rows + gram[c]
+        if scores[c] >= best_score:
+            best_set, best_score = list(chosen), float(scores[c])
+    return best_set
