@@ -132,7 +132,45 @@ def digits(args) -> str:
         finals = [done[(label, min(fractions), s)]["batch_sizes"][-1] for s in range(args.seeds) if (label, min(fractions), s) in done]
         name, _, variant = label.partition(", ")
         lines.append(f"| {name} | {variant or '-'} | " + " | ".join(cells) + f" | {np.median(finals):.0f} |" if finals else "")
+    if args.picture:
+        draw_digits(done, fractions, args.seeds, args.picture)
+        lines += ["", f"![DBA on digits: accuracy and batch sizes](images/{Path(args.picture).name})"]
     return "\n".join(lines)
+
+
+def draw_digits(done: dict, fractions: list[float], seeds: int, path: str) -> None:
+    """Test accuracy against the share of data per optimizer, and the batch size per epoch at the smallest share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medssl.viz.figure import save_figure
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    shown = ["SGD, batch 64", "Adam, batch 64", "DBA+SGD, gradient norm", "DBA+SGD, variance norm", "DBA+Adam, gradient norm",
+             "DBA+Adam, variance norm", "EDBA+SGD"]
+    xs = sorted(fractions)
+    for label in shown:
+        acc = [np.mean([done[(label, f, s)]["test_accuracy"] for s in range(seeds) if (label, f, s) in done] or [np.nan]) * 100 for f in xs]
+        style = "--" if label.startswith(("SGD", "Adam")) else "-"
+        left.plot([f * 100 for f in xs], acc, style, marker="o", label=label)
+    left.set_xscale("log")
+    left.set_xlabel("% of the training pool")
+    left.set_ylabel("test accuracy %")
+    left.set_title("load_digits, MLP 64-128-10")
+    left.legend(fontsize=7)
+    smallest = min(fractions)
+    for label in shown[2:]:
+        runs = [done[(label, smallest, s)]["batch_sizes"] for s in range(seeds) if (label, smallest, s) in done]
+        if runs:
+            length = min(len(r) for r in runs)
+            right.plot(range(1, length + 1), np.median([r[:length] for r in runs], axis=0), label=label)
+    right.set_xlabel("epoch")
+    right.set_ylabel("batch size (median over seeds)")
+    right.set_title(f"batch size chosen per epoch, {smallest:g} of the data")
+    right.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def medical(args) -> str:
@@ -243,6 +281,7 @@ def main() -> None:
     d.add_argument("--patience", type=int, default=20)
     d.add_argument("--sgd-lr", type=float, default=0.01)
     d.add_argument("--adam-lr", type=float, default=1e-3)
+    d.add_argument("--picture", help="also draw accuracy and batch sizes into this PNG (docs/images/dba_digits.png)")
     m = sub.add_parser("medical")
     m.add_argument("--checkpoint", required=True)
     m.add_argument("--data", required=True)

@@ -3,7 +3,8 @@
 ``next = current + delta`` when ``q > 0.8 * current``, ``current - delta`` when ``q < 0.2 * current``,
 else ``current``, kept within ``[low, high]``; ``q`` is the median (50th percentile) of the batch
 sizes the selection chose during the epoch. Selection that keeps nearly every sample asks for more
-samples; selection that keeps few asks for fewer.
+samples; selection that keeps few asks for fewer. ``current`` is the batch the epoch had: with less
+data than the batch size, all of the data (see :attr:`medssl.optim.adaptive.AdaptiveOptimizer.current`).
 """
 
 from __future__ import annotations

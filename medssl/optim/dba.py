@@ -47,6 +47,7 @@ class DBA(AdaptiveOptimizer):
     def compute_gradients(self, task: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Set every trainable parameter's ``.grad`` to the mean gradient of its layer's chosen strides' samples."""
         losses, grads, counts = stride_gradients(task, batch, self.stride_size, self.chunk_size)
+        self.saw_batch(len(losses))
         params = dict(task.named_parameters())
         chosen = []
         for names in layer_groups(grads).values():
@@ -60,4 +61,4 @@ class DBA(AdaptiveOptimizer):
 
     def _decide(self) -> tuple[int, float]:
         q = statistics.median(self.epoch_values)
-        return batch_size_rule(self.batch_size, q, self.delta, self.min_batch_size, self.max_batch_size), q
+        return batch_size_rule(self.current, q, self.delta, self.min_batch_size, self.max_batch_size), q

@@ -86,6 +86,7 @@ class EDBA(AdaptiveOptimizer):
             raise ValueError(f"EDBA needs the last layer to see one vector per sample; {self.layer_name!r} got {tuple(a.shape)}")
         a, go, y = a[labelled], go[labelled], labels[labelled]
         n = len(y)
+        self.saw_batch(len(labels))
         dw, db = linear_per_sample(a, go, scale=n)  # each labelled sample's own gradient
         masks = [torch.ones(n, device=a.device)]
         for _ in range(self.candidates):
@@ -113,7 +114,7 @@ class EDBA(AdaptiveOptimizer):
 
     def _decide(self) -> tuple[int, float]:
         current = sum(self.epoch_values) / len(self.epoch_values)
-        size = self.batch_size
+        size = self.current
         if self.previous is not None:
             fall = (self.previous - current) / max(abs(self.previous), 1e-12)
             if fall < self.plateau:

@@ -116,6 +116,13 @@ def test_dba_moves_the_batch_size_by_the_median_of_the_epochs_choices():
     dba.epoch_values = [8.0, 8.0, 80.0]  # median 8 < 16
     assert dba.next_batch_size() == 64
     assert dba.next_batch_size() == 64 and len(dba.history) == 2  # an epoch without steps changes nothing
+    # ten images and a batch of 64: the epoch's batch was the ten; choosing all ten grows nothing past the data
+    dba.saw_batch(10)
+    dba.epoch_values = [10.0, 10.0]
+    assert dba.next_batch_size() == 10
+    dba.saw_batch(10)
+    dba.epoch_values = [1.0, 1.0]  # 1 < 0.2 * 10: shrink from the ten, not from 64
+    assert dba.next_batch_size() == 8
 
 
 def test_margin_loss_on_a_hand_made_case():
