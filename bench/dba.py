@@ -118,11 +118,11 @@ def digits(args) -> str:
                       f"{result['batch_sizes'][-1]}, {record['seconds']} s)", flush=True)
     sizes = {f: len(train_pool[stratified_subset(y[train_pool].numpy(), f, seed=0)]) for f in fractions}
     lines = [f"load_digits (8x8, {len(y)} images): {len(test)} test, {len(stop)} for early stopping, training pool {len(train_pool)} "
-             f"({', '.join(f'{f:g}: {n} images' for f, n in sizes.items())}). MLP 64-128-10, {args.epochs} epochs (early stopping, "
+             f"({', '.join(f'{f:.0%}: {n} images' for f, n in sizes.items())}). MLP 64-128-10, {args.epochs} epochs (early stopping, "
              f"patience {args.patience}), SGD lr {args.sgd_lr} (momentum 0.9), Adam lr {args.adam_lr}, no weight decay; DBA stride 4, "
              f"batch size from 64 within [8, 512], delta 8. Test accuracy %, mean ± std over {args.seeds} seeds. "
              f"Machine: {_machine()}.", "",
-             "| optimizer | variant | " + " | ".join(f"{f:g} of data" for f in fractions) + " | final batch size (1 % of data) |",
+             "| optimizer | variant | " + " | ".join(f"{f:.0%} of data" for f in fractions) + f" | last batch size ({min(fractions):.0%}) |",
              "|---|---|" + "---:|" * len(fractions) + "---:|"]
     for label, optimizer, _, _ in DIGITS_VARIANTS:
         cells = []
@@ -160,15 +160,18 @@ def draw_digits(done: dict, fractions: list[float], seeds: int, path: str) -> No
     left.set_ylabel("test accuracy %")
     left.set_title("load_digits, MLP 64-128-10")
     left.legend(fontsize=7)
-    smallest = min(fractions)
-    for label in shown[2:]:
-        runs = [done[(label, smallest, s)]["batch_sizes"] for s in range(seeds) if (label, smallest, s) in done]
-        if runs:
-            length = min(len(r) for r in runs)
-            right.plot(range(1, length + 1), np.median([r[:length] for r in runs], axis=0), label=label)
-    right.set_xlabel("epoch")
+    for fraction, style in zip([f for f in sorted(fractions, reverse=True) if f < 1][:1] + [1.0], ["-", ":"]):
+        for label, colour in zip(("DBA+SGD, gradient norm", "DBA+SGD, variance norm", "DBA+Adam, gradient norm", "EDBA+SGD"),
+                                 ("C2", "C3", "C4", "C6")):
+            runs = [done[(label, fraction, s)]["batch_sizes"] for s in range(seeds) if (label, fraction, s) in done]
+            if runs:
+                length = min(len(r) for r in runs)
+                right.plot(range(1, length + 1), np.median([r[:length] for r in runs], axis=0), style, color=colour,
+                           label=f"{label}, {fraction:.0%} of the data")
+    right.set_xlabel("epoch (until early stopping)")
     right.set_ylabel("batch size (median over seeds)")
-    right.set_title(f"batch size chosen per epoch, {smallest:g} of the data")
+    right.set_yscale("log", base=2)
+    right.set_title("the batch size DBA / EDBA chose per epoch")
     right.legend(fontsize=7)
     save_figure(fig, path)
 

@@ -30,6 +30,15 @@ def _batch(spatial_dims: int, n: int = 10, num_classes: int = 3, seed: int = 1) 
     return {"image": torch.randn(n, 1, *[8] * spatial_dims, generator=g), "label": torch.randint(0, num_classes, (n,), generator=g)}
 
 
+def _plain_gradients(task, batch) -> dict[str, torch.Tensor]:
+    """The ordinary backward pass's gradients (of the batch's mean loss); the task's ``.grad`` are cleared after."""
+    task.zero_grad()
+    task(batch)["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in task.named_parameters()}
+    task.zero_grad()
+    return grads
+
+
 def _loop_gradients(task, batch) -> list[dict[str, torch.Tensor]]:
     out = []
     for i in range(len(batch["label"])):
@@ -65,10 +74,7 @@ def test_stride_gradients_sum_their_samples_and_the_short_last_stride_is_padded_
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_choosing_every_stride_reproduces_the_plain_mean_gradient(spatial_dims):
     task, batch = _vit_task(spatial_dims), _batch(spatial_dims, n=10)
-    task.zero_grad()
-    task(batch)["loss"].backward()
-    plain = {n: p.grad.clone() for n, p in task.named_parameters()}
-    task.zero_grad()
+    plain = _plain_gradients(task, batch)
     dba = DBA(torch.optim.SGD(task.parameters(), lr=0.1), stride_size=3, strategy="all", batch_size=10)
     out = dba.compute_gradients(task, batch)
     for name, param in task.named_parameters():
@@ -153,10 +159,7 @@ def test_linear_per_sample_gradients_equal_the_loop():
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_edba_sets_the_last_layer_to_the_candidate_with_the_lowest_look_ahead_margin(spatial_dims):
     task, batch = _vit_task(spatial_dims), _batch(spatial_dims, n=12)
-    task.zero_grad()
-    task(batch)["loss"].backward()
-    plain = {n: p.grad.clone() for n, p in task.named_parameters()}
-    task.zero_grad()
+    plain = _plain_gradients(task, batch)
     edba = EDBA(torch.optim.SGD(task.parameters(), lr=0.5), task, candidates=8, batch_size=12)
     assert edba.layer is task.head
     torch.manual_seed(3)
