@@ -17,7 +17,15 @@ from ..errors import UserError
 from ..tasks.base import Task, check_batch
 from .determinism import derive_seed
 
-__all__ = ["TaskSchedule", "MultiTask", "ScheduleMismatch"]
+__all__ = ["TaskSchedule", "MultiTask", "ScheduleMismatch", "shared_backbone"]
+
+
+def shared_backbone(backbone: nn.Module) -> nn.Module:
+    """The model a task's backbone is, or is a view of (a :class:`~medssl.models.MedformerView`'s Medformer):
+    what tasks share, what is saved as the encoder."""
+    from ..models.medformer import MedformerView
+
+    return backbone.model if isinstance(backbone, MedformerView) else backbone
 
 
 class ScheduleMismatch(UserError, RuntimeError):
@@ -64,7 +72,7 @@ class MultiTask(nn.Module):
     ``sum`` schedule every task runs, ``"loss"`` is the sum of their weighted losses and ``"task"`` is -1.
     """
 
-    def __init__(self, tasks: Task | Sequence[Task] | Mapping[str, Task], schedule: str = "cyclic",
+    def __init__(self, tasks: Task | Sequence[Task] | Mapping[str, Task], schedule="cyclic",
                  schedule_weights: Sequence[float] | None = None, loss_weights: Mapping[str, float] | None = None,
                  seed: int = 0) -> None:
         super().__init__()
@@ -77,13 +85,17 @@ class MultiTask(nn.Module):
             tasks = {t.name: t for t in tasks}
         if not tasks:
             raise ValueError("MultiTask needs at least one task")
-        backbones = {id(t.backbone) for t in tasks.values()}
-        if len(backbones) != 1:
+        roots = {id(shared_backbone(t.backbone)) for t in tasks.values()}
+        if len(roots) != 1:
             raise ValueError("all tasks must share one backbone object")
         self.tasks = nn.ModuleDict(tasks)
-        self.backbone = next(iter(tasks.values())).backbone
+        self.backbone = shared_backbone(next(iter(tasks.values())).backbone)
         self.names = list(tasks)
-        self.schedule = TaskSchedule(len(tasks), schedule, schedule_weights, seed)
+        if isinstance(schedule, str):
+            schedule = TaskSchedule(len(tasks), schedule, schedule_weights, seed)
+        elif getattr(schedule, "n_tasks", None) != len(tasks):
+            raise ValueError(f"the schedule is for {getattr(schedule, 'n_tasks', '?')} tasks, there are {len(tasks)}")
+        self.schedule = schedule
         self.loss_weights = {n: float((loss_weights or {}).get(n, 1.0)) for n in self.names}
 
     def forward(self, batch: dict, iteration: int = 1) -> dict[str, torch.Tensor]:

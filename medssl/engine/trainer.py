@@ -33,6 +33,7 @@ from ..tasks.base import Task
 from .checkpoint import unwrap
 from .determinism import AdaptiveBatchSampler, BinnedBatchSampler, EpochSampler, derive_seed
 from .multitask import MultiTask
+from .sources import SourceBatchSampler
 
 __all__ = ["PretrainTrainer", "autocast_dtype", "prepare_task_batch", "SelectingOptimizerRefused"]
 
@@ -200,10 +201,10 @@ class PretrainTrainer(SupervisedTrainer):
             return
         self._positioned = True
         sampler, size = getattr(self.data_loader, "sampler", None), self.data_loader.batch_size
-        if isinstance(getattr(self.data_loader, "batch_sampler", None), BinnedBatchSampler):
+        if isinstance(getattr(self.data_loader, "batch_sampler", None), (BinnedBatchSampler, SourceBatchSampler)):
             sampler = self.data_loader.batch_sampler
             size = sampler.batch_size
-        if not isinstance(sampler, (EpochSampler, BinnedBatchSampler)):
+        if not isinstance(sampler, (EpochSampler, BinnedBatchSampler, SourceBatchSampler)):
             if engine.state.iteration:
                 logger.warning("resuming with a loader that has no EpochSampler: the data order will not replay exactly")
             return
