@@ -30,7 +30,7 @@ import torch
 from ..errors import UserError
 from .determinism import derive_seed
 
-__all__ = ["SourcePlan", "SourceBatchSampler", "SourceSchedule", "multi_source_loader", "RULES"]
+__all__ = ["SourcePlan", "SourceBatchSampler", "SourceSchedule", "multi_source_loader", "source_tasks", "RULES", "SOURCE_TASKS"]
 
 RULES = ("proportional", "uniform", "temperature")
 
@@ -136,7 +136,8 @@ class SourceSchedule:
     """The task of each iteration: one of the tasks of that step's source (``task_sources[t]`` is task ``t``'s source).
 
     Iteration ``i`` (1-based, as the trainer counts) is step ``(i - 1) % steps_per_epoch`` of epoch
-    ``(i - 1) // steps_per_epoch``; a source with several tasks gives them its steps in turn.
+    ``(i - 1) // steps_per_epoch``; a source with several tasks gives them its steps in turn, counting
+    from the run's start (a source with one step per epoch still runs each of its tasks).
     """
 
     ALL = -1
@@ -150,15 +151,23 @@ class SourceSchedule:
         self.n_tasks = len(self.task_sources)
         self.mode = "source"
         self._epoch, self._plan = None, None
+        self._before = [np.zeros(len(plan.sizes), dtype=np.int64)]
+
+    def _counts_before(self, epoch: int) -> np.ndarray:
+        """How many steps each source had in the epochs before ``epoch`` (so a source's tasks take turns across epochs)."""
+        while len(self._before) <= epoch:
+            e = len(self._before) - 1
+            self._before.append(self._before[-1] + np.bincount(self.plan.sources(e), minlength=len(self.plan.sizes)))
+        return self._before[epoch]
 
     def _epoch_tasks(self, epoch: int) -> list[int]:
         if self._epoch != epoch:
-            seen: dict[int, int] = {}
+            seen = self._counts_before(epoch).copy()
             tasks = []
             for s in self.plan.sources(epoch):
                 options = self.tasks_of[s]
-                tasks.append(options[seen.get(s, 0) % len(options)])
-                seen[s] = seen.get(s, 0) + 1
+                tasks.append(options[int(seen[s]) % len(options)])
+                seen[s] += 1
             self._epoch, self._plan = epoch, tasks
         return self._plan
 
@@ -198,3 +207,36 @@ def multi_source_loader(datasets: Sequence, batch_sizes: int | Sequence[int], ta
     kwargs.setdefault("collate_fn", collate_fields)
     loader = DataLoader(seeded, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs)
     return loader, schedule
+
+
+#: Tasks a multi-source run can build per source, and the views each needs (made per source's dims and size).
+SOURCE_TASKS = ("mae", "simclr", "barlow", "byol")
+
+
+def source_tasks(model, sources: Sequence, task_names: Sequence[str], task_options: dict | None = None
+                 ) -> tuple[dict, list[int], list]:
+    """``(tasks, task_sources, views)``: each of ``task_names`` on each source, on the model's view of its dimensionality.
+
+    Tasks are named ``<task>_<source name>`` (their losses are logged per source under those
+    names); ``task_options[name]`` are passed to every ``name`` task. Feed ``task_sources`` and
+    ``views`` to :func:`multi_source_loader`, ``tasks`` and its schedule to :class:`~.multitask.MultiTask`.
+    """
+    from ..data.sources import source_name
+    from ..data.views import two_views
+    from ..tasks.base import build_task
+
+    unknown = sorted(set(task_names) - set(SOURCE_TASKS))
+    if unknown:
+        raise UserError(f"task(s) {unknown} are not built per source yet; choose from {', '.join(SOURCE_TASKS)}")
+    tasks, task_sources, views = {}, [], []
+    for i, source in enumerate(sources):
+        dims, size = int(source["spatial_dims"]), int(source["image_size"])
+        backbone = model.view(dims) if hasattr(model, "view") else model
+        if getattr(backbone, "spatial_dims", dims) != dims:
+            raise UserError(f"source {source_name(source, i)} is {dims}D and the encoder {backbone.spatial_dims}D; "
+                            "a Medformer takes both")
+        for name in task_names:
+            tasks[f"{name}_{source_name(source, i)}"] = build_task(name, backbone, **(task_options or {}).get(name, {}))
+            task_sources.append(i)
+            views.append(None if name == "mae" else two_views(spatial_dims=dims, size=size, modality=source.get("modality", "auto")))
+    return tasks, task_sources, views

@@ -101,3 +101,29 @@ def test_one_medformer_pretrains_on_a_2d_and_a_3d_source_with_a_task_per_source(
         assert len(shape) == (5 if name == "mae_ct" else 4)
     assert {name for name, _ in seen} == set(tasks)
     assert not torch.equal(model.latents, before)
+
+
+def test_phantom_radiographs_and_ct_volumes_pretrain_one_medformer_with_per_source_losses(phantoms):
+    from medssl.data.sources import source_datasets
+    from medssl.engine import source_tasks
+
+    sources = [{"data": str(phantoms / "xray"), "spatial_dims": 2, "image_size": 32, "organ": "abdomen", "name": "xray"},
+               {"data": str(phantoms / "ct_dicom"), "spatial_dims": 3, "image_size": 16, "organ": "abdomen", "name": "ct"}]
+    datasets = source_datasets(sources, cache=None, progress=False)
+    torch.manual_seed(0)
+    model = Medformer(patch_size=4, embed_dim=32, num_heads=2, depth=1, num_latents=4, latents_per_entry=2)
+    tasks, task_sources, views = source_tasks(model, sources, ["mae", "simclr"], {"simclr": {"hidden_dim": 32, "out_dim": 16}})
+    assert list(tasks) == ["mae_xray", "simclr_xray", "mae_ct", "simclr_ct"] and task_sources == [0, 0, 1, 1]
+    loader, schedule = multi_source_loader(datasets, [2, 2], task_sources, views=views, seed=0)
+    multitask = MultiTask(tasks, schedule=schedule)
+    trainer = PretrainTrainer("cpu", 2, loader, multitask, torch.optim.AdamW(multitask.parameters(), lr=1e-3), amp=False)
+    logged = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(e.state.output))
+    trainer.run()
+    names = {k.split("/")[0] for out in logged for k in out if "/" in k}
+    assert names == set(tasks)  # every task ran, and its loss is logged under its source's name
+    assert all(np.isfinite(out["loss"]) for out in logged)
+    with pytest.raises(UserError, match="not built per source yet"):
+        source_tasks(model, sources, ["dino"])
+    with pytest.raises(UserError, match="missing"):
+        source_datasets([{"data": str(phantoms / "xray"), "spatial_dims": 2}])
