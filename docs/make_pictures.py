@@ -35,6 +35,10 @@ RUNS = {
                     {"box_final.png": ["box_xray_2d.png", ROOT / "bundles/box_xray_2d/docs/pictures.png"]}),
     "brainfuse_xray_2d": ("xray", {"max_epochs": 150, "picture_every": 150, "image_size": 128, "fuse_patients": 3},
                           {"brainfuse_final.png": ["brainfuse_xray_2d.png", ROOT / "bundles/brainfuse_xray_2d/docs/pictures.png"]}),
+    # several sources at once: the embedded radiographs and CT series (no --data: one data set per source)
+    "medformer_multi": (None, {"max_epochs": 40, "picture_every": 40},
+                        {"mae_ct_final.png": ["medformer_ct.png", ROOT / "bundles/medformer_multi/docs/pictures.png"],
+                         "mae_xray_final.png": "medformer_xray.png"}),
     "brainfuse_3d": ("ct_dicom", {"max_epochs": 60, "picture_every": 60, "image_size": 32, "patch_size": 4, "window_size": 0},
                      {"brainfuse_final.png": ["brainfuse_3d.png", ROOT / "bundles/brainfuse_3d/docs/pictures.png"]}),
 }
@@ -62,7 +66,8 @@ def main() -> None:
             continue
         out = work / bundle
         sets = [f for k, v in settings.items() if k not in ("max_epochs", "bundle") for f in ("--set", f"{k}={v}")]
-        assert medssl(["-q", "pretrain", "--bundle", settings.get("bundle", bundle), "--data", str(data / folder), "--out", str(out), "--overwrite",
+        given = ["--data", str(data / folder)] if folder else []
+        assert medssl(["-q", "pretrain", "--bundle", settings.get("bundle", bundle), *given, "--out", str(out), "--overwrite",
                        "--max-epochs", str(settings["max_epochs"]), *sets]) == 0
         for src, destinations in keep.items():  # a name in docs/images, or a path (a bundle's docs/pictures.png)
             for dst in destinations if isinstance(destinations, list) else [destinations]:

@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import UserError
 from .workflows import evaluate, parse_sets, pretrain
 
 __all__ = ["main"]
@@ -46,12 +47,23 @@ def _phantoms(args) -> int:
     return 0
 
 
+def _takes_many_sources(bundle: str) -> bool:
+    """A multi-source bundle (medformer_multi): its ``dataset_dir`` is a list, one data set per source."""
+    from .bundle_settings import load_config
+    from .bundles import bundle_config
+
+    return isinstance(load_config(bundle_config(bundle, "train")).get("dataset_dir"), list)
+
+
 def _pretrain_overrides(args) -> dict:
     from .bundles import data_overrides
     from .workflows import check_dimensionality
 
     if args.data and not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data} does not exist")
+    if args.data and _takes_many_sources(args.bundle):
+        raise UserError(f"{args.bundle} trains on several data sets, one per source: give them as "
+                        f"--set \"dataset_dir=['first', 'second']\" (in the order of its sources), not --data")
     overrides = dict(data_overrides(args.data)) if args.data else {}
     if args.data:
         overrides["dataset_dir"] = str(Path(args.data).resolve())

@@ -13,8 +13,9 @@ import torch
 from medssl.bundle_settings import config_settings
 from medssl.bundles import bundle_root, check_metadata, list_bundles, run_bundle
 
-BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d", "box_xray_2d", "brainfuse_xray_2d",
-           "brainfuse_3d"]
+VIT_BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d", "box_xray_2d", "brainfuse_xray_2d",
+               "brainfuse_3d"]
+BUNDLES = [*VIT_BUNDLES, "medformer_multi"]  # the layout and MONAI's checks; the ViT bundles' round trip below
 _3D = dict(vit_size="micro", image_size=16, patch_size=4, window_size=2, batch_size=2, cache="none")
 _2D = dict(vit_size="micro", image_size=32, patch_size=8, window_size=2, batch_size=2, cache="none")
 _HEADS = dict(out_dim=64)
@@ -108,7 +109,7 @@ def test_monai_checks_pass_metadata_network_and_workflow_properties(name, tmp_pa
         assert workflow.check_properties() == [], (config, caplog.text)
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", VIT_BUNDLES)
 def test_train_inference_and_evaluate_build_the_same_encoder_from_the_same_settings(name):
     from medssl.bundles import bundle_parser
 
@@ -123,7 +124,7 @@ def test_train_inference_and_evaluate_build_the_same_encoder_from_the_same_setti
     assert nets[0].state_dict().keys() == nets[1].state_dict().keys()
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", VIT_BUNDLES)
 def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch):
     from monai.bundle import ckpt_export
 
@@ -309,3 +310,58 @@ def test_the_remaining_ssl_families_train_through_their_bundles(name, extra, pic
     tiny = {k: v for k, v in TINY[name].items() if k != "method_settings"}
     run_bundle(name, "train", dict(tiny, **extra, dataset_dir=str(phantoms / DATA[name]), output_dir=str(out), max_epochs=2))
     assert (out / "models" / "model.pt").is_file() and (out / "pictures" / f"{picture}_final.png").stat().st_size > 1000
+
+
+_MEDFORMER = ["--embed_dim", "32", "--num_heads", "2", "--depth", "1", "--num_latents", "4", "--latents_per_entry", "2",
+              "--patch_size", "4"]
+
+
+def test_the_medformer_bundle_trains_on_2d_and_3d_sources_then_embeds_and_evaluates_each_through_monai_bundle_run(phantoms, tmp_path):
+    """The user's path for #19: `python -m monai.bundle run` trains one Medformer on the phantom radiographs (2D) and CT
+    series (3D) together; inference and evaluation then take each data set with the same encoder."""
+    import subprocess
+    import sys
+
+    configs = bundle_root("medformer_multi") / "configs"
+    out = tmp_path / "run"
+    sources = ("[{'name': 'xray', 'data': '@dataset_dir#0', 'spatial_dims': 2, 'image_size': 16, 'organ': 'abdomen', 'batch_size': 2},"
+               " {'name': 'ct', 'data': '@dataset_dir#1', 'spatial_dims': 3, 'image_size': 16, 'organ': 'abdomen', 'batch_size': 2}]")
+    run = lambda config, *args: subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",  # noqa: E731
+                                                str(configs / f"{config}.yaml"), "--bundle_root", str(configs.parent),
+                                                "--output_dir", str(out), *_MEDFORMER, *args],
+                                               capture_output=True, text=True, cwd=tmp_path)
+    train = run("train", "--dataset_dir", f"['{phantoms / 'xray'}', '{phantoms / 'ct_dicom'}']", "--sources", sources,
+                "--task_options", "{'mae': {'mask_ratio': 0.75}, 'simclr': {'hidden_dim': 32, 'out_dim': 16}}", "--max_epochs", "2",
+                "--cache", "none", "--source_rule", "proportional")  # one step per source and epoch: each task runs once
+    assert train.returncode == 0, train.stderr[-3000:]
+    for task in ("mae_xray", "mae_ct"):  # each source's task draws its own pictures
+        assert (out / "pictures" / f"{task}_final.png").stat().st_size > 1000
+    for name in ("mae_xray/loss", "simclr_xray/loss", "mae_ct/loss", "simclr_ct/loss"):  # losses logged per task and source
+        assert name in train.stderr + train.stdout
+    model = out / "models" / "model.pt"
+    from medssl.models import Medformer
+
+    encoder = Medformer(patch_size=4, embed_dim=32, num_heads=2, depth=1, num_latents=4, latents_per_entry=2)
+    encoder.load_state_dict(torch.load(model, weights_only=True))  # strict: model.pt is the Medformer itself
+    for dims, folder, size in ((2, "xray", 16), (3, "ct_dicom", 16)):
+        embedded = run("inference", "--ckpt_path", str(model), "--dataset_dir", str(phantoms / folder), "--spatial_dims", str(dims),
+                       "--image_size", str(size), "--embeddings_file", str(tmp_path / f"emb{dims}.npz"))
+        assert embedded.returncode == 0, embedded.stderr[-3000:]
+        emb = np.load(tmp_path / f"emb{dims}.npz")
+        assert emb["embeddings"].shape == (2, 32) and np.isfinite(emb["embeddings"]).all()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "labelled3d.npz", train_images=rng.integers(0, 255, (16, 16, 16, 16), dtype=np.uint8),
+             train_labels=(np.arange(16) % 2)[:, None], val_images=rng.integers(0, 255, (8, 16, 16, 16), dtype=np.uint8),
+             val_labels=(np.arange(8) % 2)[:, None])
+    evaluated = run("evaluate", "--ckpt_path", str(model), "--dataset_dir", str(tmp_path / "labelled3d.npz"), "--spatial_dims", "3",
+                    "--image_size", "16", "--modality", "CT", "--seeds", "1", "--fractions", "[1.0]", "--poolings", "['mean']")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert {r["method"] for r in json.loads((out / "evaluation" / "results.json").read_text())["table"]} == {"probe", "knn", "pixels"}
+
+
+def test_medssl_pretrain_refuses_one_data_folder_for_a_bundle_of_many_sources(tmp_path, capsys):
+    from medssl.cli import main
+
+    assert main(["pretrain", "--bundle", "medformer_multi", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "trains on several data sets" in err and "dataset_dir=" in err and "Traceback" not in err

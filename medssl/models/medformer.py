@@ -63,6 +63,9 @@ class Medformer(nn.Module):
         collections: name -> the values it has entries for (``unknown`` is added to each).
         spatial_dims: the dimensionality the plain interface reports (``patch_size``,
             ``grid_size``); a view gives the other.
+        default_context: what to assume where a batch's context does not say (``{"organ": "chest",
+            "modality": "DX"}`` when embedding or evaluating one data set whose images carry no such
+            fields); not part of the weights.
     """
 
     num_prefix_tokens = 1
@@ -70,7 +73,7 @@ class Medformer(nn.Module):
     def __init__(self, in_channels: int = 1, patch_size: int | Mapping[int, int] = 4, embed_dim: int = 192, num_heads: int = 3,
                  num_latents: int = 32, latents_per_entry: int = 4, depth: int = 6, mlp_ratio: float = 4.0,
                  collections: Mapping[str, Sequence[str]] | None = None, spatial_dims: int = 2,
-                 pos_temperature: float = 10000.0) -> None:
+                 pos_temperature: float = 10000.0, default_context: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -83,6 +86,10 @@ class Medformer(nn.Module):
         self.patch_embed = nn.ModuleDict({str(d): Conv[Conv.CONV, d](in_channels, embed_dim, kernel_size=p, stride=p)
                                           for d, p in self.patch_sizes.items()})
         self.collections = {name: (*map(str, values), "unknown") for name, values in (collections or DEFAULT_COLLECTIONS).items()}
+        self.default_context = {k: v for k, v in (default_context or {}).items() if v not in (None, "")}
+        unknown = sorted(set(self.default_context) - set(self.collections))
+        if unknown:
+            raise ValueError(f"default_context names {unknown}, which are not collections ({', '.join(self.collections)})")
         self.latents = nn.Parameter(torch.randn(num_latents, embed_dim) * 0.02)
         self.entries = nn.ParameterDict({name: nn.Parameter(torch.randn(len(values), latents_per_entry, embed_dim) * 0.02)
                                          for name, values in self.collections.items()})
@@ -131,6 +138,8 @@ class Medformer(nn.Module):
         values = self.collections[name]
         unknown = len(values) - 1
         given = (context or {}).get(name)
+        if given is None:
+            given = self.default_context.get(name)
         if name == "spatial_dims" and given is None:
             given = [spatial_dims] * batch
         if given is None:

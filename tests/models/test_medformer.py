@@ -94,3 +94,22 @@ def test_one_model_trains_mae_in_2d_and_3d_through_its_views():
     assert not torch.equal(shared, before)
     with pytest.raises(ValueError, match="2D view"):
         view2(_images(3))
+
+
+def test_a_default_context_stands_in_where_the_batch_does_not_say_and_the_feature_map_keeps_the_weights():
+    from medssl.models import MedformerFeatureMap
+
+    model = _model(default_context={"organ": "chest", "modality": "DX"})
+    organs, cpu = model.collections["organ"], torch.device("cpu")
+    assert model.entry_index("organ", None, 2, 2, cpu).tolist() == [organs.index("chest")] * 2
+    assert model.entry_index("organ", {"organ": ["knee", "brain"]}, 2, 2, cpu).tolist() == [organs.index("knee"), organs.index("brain")]
+    with pytest.raises(ValueError, match="not collections"):
+        _model(default_context={"scanner": "GE"})
+    torch.manual_seed(0)
+    feature_map = MedformerFeatureMap(patch_size=4, embed_dim=32, num_heads=2, depth=2, num_latents=6, latents_per_entry=3)
+    feature_map.load_state_dict(_model().state_dict())  # strict: the same keys
+    for dims in (2, 3):
+        x = _images(dims)
+        fmap = feature_map.eval()(x)
+        assert fmap.shape == (2, 32, *model.grid_size(x.shape[2:]))
+        torch.testing.assert_close(fmap.flatten(2).transpose(1, 2), _model().eval()(x)[:, 1:])
