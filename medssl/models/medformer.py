@@ -60,7 +60,8 @@ class Medformer(nn.Module):
         num_latents: shared latents.
         latents_per_entry: latents of each collection entry.
         depth: latent self-attention blocks.
-        collections: name -> the values it has entries for (``unknown`` is added to each).
+        collections: name -> the values it has entries for (``unknown`` is added to each); None:
+            :data:`DEFAULT_COLLECTIONS`; ``{}``: shared latents only.
         spatial_dims: the dimensionality the plain interface reports (``patch_size``,
             ``grid_size``); a view gives the other.
         default_context: what to assume where a batch's context does not say (``{"organ": "chest",
@@ -85,7 +86,8 @@ class Medformer(nn.Module):
         self.patch_sizes = {d: ensure_tuple_rep(int(edges[d]), d) for d in (2, 3)}
         self.patch_embed = nn.ModuleDict({str(d): Conv[Conv.CONV, d](in_channels, embed_dim, kernel_size=p, stride=p)
                                           for d, p in self.patch_sizes.items()})
-        self.collections = {name: (*map(str, values), "unknown") for name, values in (collections or DEFAULT_COLLECTIONS).items()}
+        collections = DEFAULT_COLLECTIONS if collections is None else collections  # {}: shared latents only (the ablation)
+        self.collections = {name: (*map(str, values), "unknown") for name, values in collections.items()}
         self.default_context = {k: v for k, v in (default_context or {}).items() if v not in (None, "")}
         unknown = sorted(set(self.default_context) - set(self.collections))
         if unknown:
