@@ -3,7 +3,7 @@
 A source is a mapping: ``data`` (anything :func:`~.dataset.load_source` reads), ``spatial_dims``,
 ``image_size``, and optionally ``name``, ``organ`` and ``modality`` (given to every entry that does
 not say its own, so a conditioned encoder can choose its latents), ``samples_per_volume`` (3D) and
-``ct_window``. Each source gets its own pipeline (its dimensionality and size) and its own cache
+``ct_window``, ``batch_size`` and ``num_classes`` (for a supervised head per source). Each source gets its own pipeline (its dimensionality and size) and its own cache
 folder. The engine's :func:`~medssl.engine.sources.multi_source_loader` then draws each batch from
 one of them.
 """
@@ -20,7 +20,8 @@ from .pipeline import build_transforms
 
 __all__ = ["source_name", "source_datasets"]
 
-KNOWN = {"data", "spatial_dims", "image_size", "name", "organ", "modality", "samples_per_volume", "ct_window", "batch_size"}
+KNOWN = {"data", "spatial_dims", "image_size", "name", "organ", "modality", "samples_per_volume", "ct_window", "batch_size",
+         "num_classes"}
 
 
 def source_name(source: Mapping, index: int) -> str:

@@ -210,7 +210,7 @@ def multi_source_loader(datasets: Sequence, batch_sizes: int | Sequence[int], ta
 
 
 #: Tasks a multi-source run can build per source, and the views each needs (made per source's dims and size).
-SOURCE_TASKS = ("mae", "simclr", "barlow", "byol")
+SOURCE_TASKS = ("mae", "simclr", "barlow", "byol", "classify")
 
 
 def source_tasks(model, sources: Sequence, task_names: Sequence[str], task_options: dict | None = None
@@ -218,7 +218,8 @@ def source_tasks(model, sources: Sequence, task_names: Sequence[str], task_optio
     """``(tasks, task_sources, views)``: each of ``task_names`` on each source, on the model's view of its dimensionality.
 
     Tasks are named ``<task>_<source name>`` (their losses are logged per source under those
-    names); ``task_options[name]`` are passed to every ``name`` task. Feed ``task_sources`` and
+    names); ``task_options[name]`` are passed to every ``name`` task. ``classify`` gives each source a head of
+    its own (the multi-task supervised variant; a source's ``num_classes``, default 2). Feed ``task_sources`` and
     ``views`` to :func:`multi_source_loader`, ``tasks`` and its schedule to :class:`~.multitask.MultiTask`.
     """
     from ..data.sources import source_name
@@ -236,7 +237,10 @@ def source_tasks(model, sources: Sequence, task_names: Sequence[str], task_optio
             raise UserError(f"source {source_name(source, i)} is {dims}D and the encoder {backbone.spatial_dims}D; "
                             "a Medformer takes both")
         for name in task_names:
-            tasks[f"{name}_{source_name(source, i)}"] = build_task(name, backbone, **(task_options or {}).get(name, {}))
+            options = dict((task_options or {}).get(name, {}))
+            if name == "classify":
+                options.setdefault("num_classes", int(source.get("num_classes", 2)))
+            tasks[f"{name}_{source_name(source, i)}"] = build_task(name, backbone, **options)
             task_sources.append(i)
-            views.append(None if name == "mae" else two_views(spatial_dims=dims, size=size, modality=source.get("modality", "auto")))
+            views.append(None if name in ("mae", "classify") else two_views(spatial_dims=dims, size=size, modality=source.get("modality", "auto")))
     return tasks, task_sources, views

@@ -127,3 +127,22 @@ def test_phantom_radiographs_and_ct_volumes_pretrain_one_medformer_with_per_sour
         source_tasks(model, sources, ["dino"])
     with pytest.raises(UserError, match="missing"):
         source_datasets([{"data": str(phantoms / "xray"), "spatial_dims": 2}])
+
+
+def test_each_labelled_source_gets_a_classification_head_of_its_own(phantoms):
+    from medssl.data.sources import source_datasets
+    from medssl.engine import source_tasks
+
+    sources = [{"data": str(phantoms / "labels_xray.csv"), "spatial_dims": 2, "image_size": 32, "name": "xray", "num_classes": 2},
+               {"data": str(phantoms / "labels_ct.csv"), "spatial_dims": 3, "image_size": 16, "name": "ct", "num_classes": 2}]
+    torch.manual_seed(0)
+    model = Medformer(patch_size=4, embed_dim=32, num_heads=2, depth=1, num_latents=4, latents_per_entry=2)
+    tasks, task_sources, views = source_tasks(model, sources, ["classify", "mae"])
+    assert tasks["classify_xray"].head is not tasks["classify_ct"].head and views[0] is None
+    loader, schedule = multi_source_loader(source_datasets(sources, cache=None, progress=False), 2, task_sources, views=views)
+    multitask = MultiTask(tasks, schedule=schedule)
+    trainer = PretrainTrainer("cpu", 2, loader, multitask, torch.optim.AdamW(multitask.parameters(), lr=1e-3), amp=False)
+    seen = set()
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.update(k.split("/")[0] for k in e.state.output if "/" in k))
+    trainer.run()
+    assert {"classify_xray", "classify_ct"} <= seen
