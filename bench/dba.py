@@ -194,7 +194,8 @@ def medical(args) -> str:
         print(f"{opt}: done ({time.perf_counter() - started:.0f} s this call)", flush=True)
     base = optimizers[0]
     name = Path(args.data).name
-    lines = [f"{name}, checkpoint `{Path(args.checkpoint).parent.parent.name}` ({Path(args.checkpoint).parent.parent.parent.name}); "
+    run = "/".join(Path(args.checkpoint).parts[-5:-3])  # RUN/<objective> of the bench/objectives.py run that made it
+    lines = [f"{name}, the encoder of `{run}` (MAE, ViT-Tiny); "
              f"fine-tuning (`finetune`) and the same ViT from scratch (`scratch`), {args.epochs} epochs with early stopping, batch 64, "
              f"lr 1e-3; DBA: variance norm, stride 4; EDBA: 16 candidates. Mean ± std over {args.seeds} seeds; in brackets the "
              f"difference to {base} paired by seed (wins of {args.seeds}). Machine: {_machine()}.", ""]
