@@ -30,12 +30,23 @@ from .per_sample import linear_per_sample
 __all__ = ["EDBA", "margin_loss", "last_linear"]
 
 
-def margin_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
-    """Multi-class hinge, mean over samples: ``max(0, margin - (z_y - max_{c != y} z_c))``; ``logits`` ``(..., B, C)``."""
+def margin_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, balanced: bool = False) -> torch.Tensor:
+    """Multi-class hinge ``max(0, margin - (z_y - max_{c != y} z_c))``, mean over samples; ``logits`` ``(..., B, C)``.
+
+    ``balanced``: the mean over the classes present of each class's mean, so a minority class
+    weighs as much as the majority (few labels are rarely balanced ones).
+    """
     labels = labels.long().view(-1)
     true = logits.gather(-1, labels.view(*([1] * (logits.ndim - 2)), -1, 1).expand(*logits.shape[:-1], 1)).squeeze(-1)
     others = logits.masked_fill(nn.functional.one_hot(labels, logits.shape[-1]).bool(), -torch.inf).amax(-1)
-    return torch.relu(margin - (true - others)).mean(-1)
+    hinge = torch.relu(margin - (true - others))
+    if not balanced:
+        return hinge.mean(-1)
+    onehot = nn.functional.one_hot(labels, logits.shape[-1]).to(hinge.dtype)  # (B, C)
+    counts = onehot.sum(0)
+    present = counts > 0
+    per_class = (hinge @ onehot)[..., present] / counts[present]
+    return per_class.mean(-1)
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -51,11 +62,12 @@ class EDBA(AdaptiveOptimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, candidates: int = 16, min_fraction: float = 0.25,
                  margin: float = 1.0, batch_size: int = 64, min_batch_size: int = 8, max_batch_size: int = 512, delta: int = 8,
-                 plateau: float = 0.01, fast: float = 0.1) -> None:
+                 plateau: float = 0.01, fast: float = 0.1, balanced: bool = False) -> None:
         if candidates < 1 or not 0 < min_fraction <= 1:
             raise ValueError(f"need candidates >= 1 and 0 < min_fraction <= 1, got {candidates}, {min_fraction}")
         super().__init__(optimizer, batch_size, min_batch_size, max_batch_size, delta)
         self.candidates, self.min_fraction, self.margin, self.plateau, self.fast = candidates, min_fraction, margin, plateau, fast
+        self.balanced = balanced
         self.layer_name, self.layer = last_linear(model)
         self.previous: float | None = None  # the last finished epoch's mean margin loss
         self._seen: dict[str, torch.Tensor] = {}
@@ -101,7 +113,7 @@ class EDBA(AdaptiveOptimizer):
         w, b = self.layer.weight.detach().float(), self.layer.bias.detach().float() if self.layer.bias is not None else 0
         lr = self._lr()
         ahead = a @ w.T + b - lr * (torch.einsum("ni,roi->rno", a, gw) + (gb[:, None] if self.layer.bias is not None else 0))
-        scores = margin_loss(ahead, y, self.margin)
+        scores = margin_loss(ahead, y, self.margin, self.balanced)
         best = int(torch.argmin(scores))
         self.layer.weight.grad = gw[best].to(self.layer.weight.dtype)
         if self.layer.bias is not None:

@@ -139,6 +139,9 @@ def test_margin_loss_on_a_hand_made_case():
     assert float(margin_loss(logits, labels, margin=0.0)) == pytest.approx((0 + 1 + 3) / 3)
     stacked = margin_loss(torch.stack([logits, logits * 0]), labels)  # candidates x samples x classes
     assert stacked.tolist() == pytest.approx([2.0, 1.0])
+    # balanced: class 0's mean (0 + 2) / 2 = 1 and class 2's 4 weigh alike: (1 + 4) / 2
+    assert float(margin_loss(logits, labels, balanced=True)) == pytest.approx(2.5)
+    assert margin_loss(torch.stack([logits, logits * 0]), labels, balanced=True).tolist() == pytest.approx([2.5, 1.0])
 
 
 def test_linear_per_sample_gradients_equal_the_loop():
