@@ -112,7 +112,8 @@ def evaluate_variant(name: str, ckpt: Path, source: tuple, out: Path, seeds: int
         return Medformer(**{**MODEL, "num_latents": latents}, collections=collections, spatial_dims=dims,
                          default_context={"organ": organ, "modality": modality} if collections is None else None)
 
-    plan = EvalPlan(methods=("probe", "knn"), baselines=(), poolings=("cls", "mean"), seeds=seeds)
+    # the joint run's evaluation also scores the same Medformer randomly initialised (what pretraining must beat)
+    plan = EvalPlan(methods=("probe", "knn"), baselines=("random",) if name == "joint" else (), poolings=("cls", "mean"), seeds=seeds)
     evaluate_checkpoint(build, ckpt, DATA / file, out, spatial_dims=dims, size=28, plan=plan, progress=False,
                         title=f"{VARIANTS[name][0]} on {file}")
 

@@ -2,7 +2,8 @@
 
 A source is a mapping: ``data`` (anything :func:`~.dataset.load_source` reads), ``spatial_dims``,
 ``image_size``, and optionally ``name``, ``organ`` and ``modality`` (given to every entry that does
-not say its own, so a conditioned encoder can choose its latents), ``samples_per_volume`` (3D) and
+not say its own, or says only ``OT``, DICOM's "other", as MedMNIST files and plain images do; so a
+conditioned encoder can choose its latents), ``samples_per_volume`` (3D) and
 ``ct_window``, ``batch_size`` and ``num_classes`` (for a supervised head per source). Each source gets its own pipeline (its dimensionality and size) and its own cache
 folder. The engine's :func:`~medssl.engine.sources.multi_source_loader` then draws each batch from
 one of them.
@@ -20,6 +21,7 @@ from .pipeline import build_transforms
 
 __all__ = ["source_name", "source_datasets"]
 
+UNSAID = (None, "", "OT")  # no value, or DICOM's "other" (what a MedMNIST .npz or a plain image says)
 KNOWN = {"data", "spatial_dims", "image_size", "name", "organ", "modality", "samples_per_volume", "ct_window", "batch_size",
          "num_classes"}
 
@@ -48,7 +50,7 @@ def source_datasets(sources: Sequence[Mapping], in_channels: int = 1, ct_window=
         entries = load_source(source["data"], spatial_dims=dims, min_size=size)
         for entry in entries:
             for key in ("organ", "modality"):
-                if source.get(key) and not entry.get(key):
+                if source.get(key) and entry.get(key) in UNSAID:
                     entry[key] = source[key]
         transform = build_transforms(spatial_dims=dims, size=size, channels=in_channels, ct_windows=source.get("ct_window", ct_window),
                                      num_samples=int(source.get("samples_per_volume", 1)))

@@ -146,3 +146,16 @@ def test_each_labelled_source_gets_a_classification_head_of_its_own(phantoms):
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.update(k.split("/")[0] for k in e.state.output if "/" in k))
     trainer.run()
     assert {"classify_xray", "classify_ct"} <= seen
+
+
+def test_a_sources_modality_replaces_the_other_that_medmnist_files_say(tmp_path):
+    from medssl.data.sources import source_datasets
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "tiny.npz", train_images=rng.integers(0, 255, (4, 16, 16), dtype=np.uint8), train_labels=np.zeros((4, 1)),
+             val_images=rng.integers(0, 255, (2, 16, 16), dtype=np.uint8), val_labels=np.zeros((2, 1)))
+    (plain,) = source_datasets([{"data": str(tmp_path / "tiny.npz"), "spatial_dims": 2, "image_size": 16}], cache=None, progress=False)
+    (said,) = source_datasets([{"data": str(tmp_path / "tiny.npz"), "spatial_dims": 2, "image_size": 16, "modality": "DX",
+                                "organ": "chest"}], cache=None, progress=False)
+    assert plain[0]["modality"] == "OT"  # what the file says: "other"
+    assert (said[0]["modality"], said[0]["organ"]) == ("DX", "chest")  # the source's own words, as evaluation assumes them
