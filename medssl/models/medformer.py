@@ -15,8 +15,9 @@ dimensionality and task, trained on many data sets at once. Here:
 - **encoding**: the latents cross-attend to the input tokens (the kept ones under ``keep``), then
   ``depth`` self-attention blocks run on the latents alone (the cost no longer grows with the
   image: ``O(N L)`` for the cross-attention, ``O(L^2)`` per block);
-- **output queries**: one query per requested token position (the position embedding plus a
-  learned offset) and a CLS query cross-attend to the latents, giving ``(B, 1 + N, D)`` tokens:
+- **output queries**: one query per requested token position (that patch's own embedding, its
+  position embedding and a learned offset) and a CLS query cross-attend to the latents, giving
+  ``(B, 1 + N, D)`` tokens:
   the token interface every medssl task reads (:class:`~medssl.models.base.GridEncoder`). Under
   ``keep`` the queries are the kept positions, as the ViT returns the kept tokens, so MAE's decoder
   fills the masked ones as it does for the ViT.
@@ -197,7 +198,9 @@ class Medformer(nn.Module):
         for block in self.blocks:
             latents = block(latents)
         latents = self.latent_norm(latents)
-        queries = torch.cat([self.cls_query.expand(b, -1, -1), pos + self.query_offset], 1)  # (B, 1 + N, D)
+        # a position's query carries that patch's own embedding: the latents add context to it (without it, MAE
+        # training let the outputs forget the image: probe AUC 0.57 on PneumoniaMNIST, below the random init's 0.82)
+        queries = torch.cat([self.cls_query.expand(b, -1, -1), tokens + pos + self.query_offset], 1)  # (B, 1 + N, D)
         out = self.norm(self.decoder_cross(queries, latents))
         if valid is not None:
             out = out * torch.cat([valid.new_ones(b, 1), valid], 1).unsqueeze(-1).to(out.dtype)
