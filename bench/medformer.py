@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from objectives import train_size  # noqa: E402
 from report import write_block  # noqa: E402
+from task_throughput import samples_per_second, stepper  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 SOURCES = [  # name, file, dims, organ, modality, batch
@@ -48,39 +49,15 @@ def _model(collections):
 
 
 def measure_speed(dims: int, batch: int, rounds: int = 3) -> float:
-    """MAE training samples/s of the Medformer on 28-px images of ``dims`` dimensions, under the training's autocast."""
+    """MAE training samples/s of the Medformer on 28-px images of ``dims`` dimensions, stepped as the ViT's speed was
+    (``task_throughput.stepper``: the training's autocast, bf16 where the CPU has it)."""
+    from medssl.engine import MultiTask
     from medssl.tasks import MAETask
 
     torch.manual_seed(0)
     task = MAETask(_model(None).view(dims), mask_ratio=0.75, norm_pix_loss=True)
-    optimizer = torch.optim.AdamW(task.parameters(), lr=5e-4)
-    x = {"image": torch.rand(batch, 1, *[28] * dims)}
-
-    from medssl.engine.trainer import autocast_dtype
-
-    dtype = autocast_dtype("cpu")  # as the training run computes (bf16 where the CPU has it), as the ViT's speed was measured
-
-    def step():
-        optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = task(x)["loss"]
-        loss.backward()
-        optimizer.step()
-
-    step(), step()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step(), step()
-        times.append(time.perf_counter() - start)
-    return 2 * batch / statistics.median(times)
-
-
-def _train_size(path: Path) -> int:
-    import numpy as np
-
-    with np.load(path, mmap_mode="r") as npz:
-        return len(npz["train_images"])
+    step = stepper(MultiTask([task]), [{"image": torch.rand(batch, 1, *[28] * dims)}])
+    return samples_per_second(step, batch, rounds)
 
 
 def pretrain_variant(name: str, epochs: int, out: Path) -> float:
@@ -146,7 +123,7 @@ def main() -> None:
         if name not in speeds:
             speeds[name] = measure_speed(dims, batch)
             speed_file.write_text(json.dumps(speeds, indent=1) + "\n")
-    sizes = {name: _train_size(DATA / f) for name, f, *_ in SOURCES}
+    sizes = {name: train_size(DATA / f) for name, f, *_ in SOURCES}
     epoch_seconds = sum(sizes[n] / speeds[n] for n in sizes)
     epochs = max(1, round(args.minutes * 60 / epoch_seconds))
     print(f"speeds {speeds}; {epochs} epochs in the {args.minutes:g}-minute budget", flush=True)

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import write_block  # noqa: E402
-from task_throughput import batches, build, stepper  # noqa: E402
+from task_throughput import batches, build, samples_per_second, stepper  # noqa: E402
 
 # objective -> (label, bundle, settings): MAE, DINO and MAE+DINO share one bundle (mae_dino_ct_3d,
 # ``task_names`` picks the tasks), SimCLR and Barlow Twins the other (``method``).
@@ -58,14 +57,7 @@ OBJECTIVES = {
 def measure_speed(objective: str, dims: int, size: int, patch: int, batch: int, rounds: int = 3) -> float:
     """Training samples/s of ``objective`` at this configuration (median of ``rounds`` x 2 steps)."""
     model, views = build(objective, dims, size, patch)
-    step = stepper(model, batches(views, dims, size, batch))
-    step(), step()  # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step(), step()
-        times.append(time.perf_counter() - start)
-    return 2 * batch / statistics.median(times)
+    return samples_per_second(stepper(model, batches(views, dims, size, batch)), batch, rounds)
 
 
 def train_size(data: Path) -> int:

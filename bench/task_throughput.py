@@ -115,6 +115,17 @@ def stepper(model, task_batches):
     return step
 
 
+def samples_per_second(step, batch: int, rounds: int = 3) -> float:
+    """Training samples/s of ``step`` (one optimizer step on ``batch`` samples): median of ``rounds`` x 2 steps, after 2 warm-up steps."""
+    step(), step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step(), step()
+        times.append(time.perf_counter() - start)
+    return 2 * batch / statistics.median(times)
+
+
 def memory_probe(spec: str) -> dict:
     task, dims, size, patch, n = json.loads(spec)
     model, views = build(task, dims, size, patch)
