@@ -148,6 +148,7 @@ def guard_monai_runner(argv: list[str] | None = None) -> None:
     files = ast.literal_eval(config) if config.startswith("[") else [config]
     defaults = load_config(files)
     known, settings = _settings_of(defaults)
+    check_known({k: v for k, v in pairs.items()}, known, settings, where=", ".join(str(f) for f in files))  # a typo first
     for key, value in pairs.items():
         if key in RUNNER_ARGS:
             continue
@@ -157,4 +158,3 @@ def guard_monai_runner(argv: list[str] | None = None) -> None:
                     f"use `medssl pretrain --set {key}=null`, or set it to null in a copy of the config")
             raise ValueError(f"--{key} {value}: MONAI's runner drops a None override and reads null as text, so the bundle "
                              f"would run with its default {key}: {defaults.get(key)!r}; {hint}")
-    check_known({k: v for k, v in pairs.items()}, known, settings, where=", ".join(str(f) for f in files))
