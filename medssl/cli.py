@@ -133,7 +133,7 @@ def _plan(args):
 
 def _evaluate(args) -> int:
     files = evaluate(args.checkpoint, args.data, args.out, args.bundle, _plan(args), progress=not args.quiet,
-                     private=args.private)
+                     private=args.private, settings=parse_sets(args.set))
     print((Path(args.out) / "results.md").read_text())
     print("\n".join(f"wrote {f}" for f in files))
     return 0
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png")
     p.add_argument("--bundle", help="bundle that trained the checkpoint (default: from RUN/run.json)")
     p.add_argument("--private", action="store_true", help="record data and checkpoint paths in the reports as hashes")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a setting of the bundle's evaluate config over the run's record (a Medformer: spatial_dims=3, "
+                        "image_size=28, organ=abdomen, modality=CT of the data set evaluated)")
     plan_flags(p)
     p.set_defaults(func=_evaluate)
 

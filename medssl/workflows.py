@@ -111,21 +111,27 @@ def pretrain(bundle: str, out: str | Path, overrides: dict, resume: bool = False
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, bundle: str | None = None, plan=None,
-             progress: bool = True, private: bool = False) -> list[Path]:
+             progress: bool = True, private: bool = False, settings: dict | None = None) -> list[Path]:
     """Evaluate an encoder checkpoint on labelled ``data`` (see :mod:`medssl.eval.protocol`); returns the report files.
 
-    ``private`` records the data and checkpoint paths in the reports as hashes.
+    The encoder is built by the bundle's ``evaluate`` config with the run's recorded settings, then
+    ``settings`` on top (``--set``: e.g. ``spatial_dims``, ``organ``, ``modality`` of one data set for a
+    Medformer trained on several). ``private`` records the data and checkpoint paths in the reports as hashes.
     """
-    from .bundles import bundle_parser
+    from .bundle_settings import check_known, config_settings
+    from .bundles import bundle_config, bundle_parser
     from .eval.protocol import evaluate_checkpoint
     from .run_record import checkpoint_record
 
     ckpt = Path(checkpoint).resolve()
-    name, settings = checkpoint_record(ckpt, bundle)
-    get = bundle_parser(name, settings).get_parsed_content
+    name, recorded_settings = checkpoint_record(ckpt, bundle, config="evaluate")
+    if settings:
+        check_known(settings, *config_settings(bundle_config(name, "evaluate")), where=f"bundle {name} (evaluate)")
+    get = bundle_parser(name, {**recorded_settings, **(settings or {})}, "evaluate").get_parsed_content
     recorded = {"checkpoint": private_path(ckpt) if private else str(ckpt),
                 "data": private_path(data) if private else str(Path(data).resolve()), "bundle": name}
-    return evaluate_checkpoint(lambda: get("network_def", lazy=False), ckpt, data, out, spatial_dims=get("spatial_dims"),
+    factory = get("network_def", lazy=False)  # the evaluate config's network_def is a factory (a fresh encoder per call)
+    return evaluate_checkpoint(factory, ckpt, data, out, spatial_dims=get("spatial_dims"),
                                size=get("image_size"), channels=get("in_channels"), ct_window=get("ct_window"), plan=plan,
                                progress=progress, recorded=recorded,
                                title=f"{name} on {'private data' if private else Path(data).name}")

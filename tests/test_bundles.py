@@ -365,3 +365,27 @@ def test_medssl_pretrain_refuses_one_data_folder_for_a_bundle_of_many_sources(tm
     assert main(["pretrain", "--bundle", "medformer_multi", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "trains on several data sets" in err and "dataset_dir=" in err and "Traceback" not in err
+
+
+def test_medssl_evaluate_takes_one_data_set_of_a_medformer_run_with_set(tmp_path, capsys):
+    """The `medssl` path for #19: a Medformer checkpoint evaluated on a 3D data set, told its dimensionality and modality."""
+    from medssl.cli import main
+    from medssl.models import Medformer
+
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    torch.manual_seed(0)
+    tiny = dict(embed_dim=32, num_heads=2, depth=1, num_latents=4, latents_per_entry=2, patch_size=4)
+    torch.save(Medformer(**tiny).state_dict(), run / "models" / "model.pt")
+    (run / "run.json").write_text(json.dumps({"bundle": "medformer_multi", "overrides": tiny}))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "lab3d.npz", train_images=rng.integers(0, 255, (16, 16, 16, 16), dtype=np.uint8),
+             train_labels=(np.arange(16) % 2)[:, None], val_images=rng.integers(0, 255, (8, 16, 16, 16), dtype=np.uint8),
+             val_labels=(np.arange(8) % 2)[:, None])
+    args = ["-q", "evaluate", "--checkpoint", str(run / "models" / "model.pt"), "--data", str(tmp_path / "lab3d.npz"), "--out",
+            str(tmp_path / "eval"), "--methods", "probe,knn", "--baselines", "", "--poolings", "mean", "--fractions", "1", "--seeds", "1"]
+    assert main([*args, "--set", "spatial_dims=3", "--set", "image_size=16", "--set", "modality=CT"]) == 0
+    records = json.loads((tmp_path / "eval" / "results.json").read_text())["records"]
+    assert {r["method"] for r in records} == {"probe", "knn"}
+    assert main([*args, "--set", "spatial_dimz=3"]) == 2
+    assert "did you mean 'spatial_dims'" in capsys.readouterr().err
