@@ -41,11 +41,15 @@ VARIANTS = {"joint": ("Medformer, joint", None), "shared": ("Medformer, joint, s
 MODEL = dict(patch_size=4, embed_dim=192, num_heads=3, depth=6, num_latents=32, latents_per_entry=4)
 
 
-def _model(collections):
+def _num_latents(collections) -> int:
+    """Shared latents of a variant: the ablation (no collections) gets the collections' 4 x per-entry too, as many in all."""
+    return MODEL["num_latents"] + (0 if collections is None else 4 * MODEL["latents_per_entry"])
+
+
+def _model(collections, **kwargs):
     from medssl.models import Medformer
 
-    latents = MODEL["num_latents"] + (0 if collections is None else 4 * MODEL["latents_per_entry"])  # as many latents in all
-    return Medformer(**{**MODEL, "num_latents": latents}, collections=collections)
+    return Medformer(**{**MODEL, "num_latents": _num_latents(collections)}, collections=collections, **kwargs)
 
 
 def measure_speed(dims: int, batch: int, rounds: int = 3) -> float:
@@ -73,7 +77,7 @@ def pretrain_variant(name: str, epochs: int, out: Path) -> float:
     overrides = {"dataset_dir": [str(DATA / f) for _, f, *_ in SOURCES], "sources": sources, "task_names": ["mae"],
                  "source_rule": "proportional", "max_epochs": epochs, "picture_every": max(1, epochs // 2),
                  **{k: v for k, v in MODEL.items()}, "collections": collections,
-                 "num_latents": MODEL["num_latents"] + (0 if collections is None else 4 * MODEL["latents_per_entry"])}
+                 "num_latents": _num_latents(collections)}
     start = time.perf_counter()
     pretrain("medformer_multi", out, overrides, resume=latest_checkpoint(out / "models") is not None, progress=False)
     seconds = time.perf_counter() - start
@@ -89,11 +93,8 @@ def evaluate_variant(name: str, ckpt: Path, source: tuple, out: Path, seeds: int
     collections = VARIANTS[name][1]
 
     def build():
-        from medssl.models import Medformer
-
-        latents = MODEL["num_latents"] + (0 if collections is None else 4 * MODEL["latents_per_entry"])
-        return Medformer(**{**MODEL, "num_latents": latents}, collections=collections, spatial_dims=dims,
-                         default_context={"organ": organ, "modality": modality} if collections is None else None)
+        return _model(collections, spatial_dims=dims,
+                      default_context={"organ": organ, "modality": modality} if collections is None else None)
 
     # the joint run's evaluation also scores the same Medformer randomly initialised (what pretraining must beat)
     plan = EvalPlan(methods=("probe", "knn"), baselines=("random",) if name == "joint" else (), poolings=("cls", "mean"), seeds=seeds)

@@ -53,8 +53,11 @@ class SourcePlan:
         self.sizes, self.batch_sizes, self.rule, self.temperature = sizes, batch_sizes, rule, temperature
         self.seed, self.num_replicas = seed, num_replicas
         self.offsets = np.cumsum([0] + sizes[:-1]).tolist()
-        # a source of n items gives floor(n / (B * world)) steps (at least one when it has an item per rank)
-        self.steps_of = [max(1 if n >= num_replicas else 0, n // (b * num_replicas)) for n, b in zip(sizes, batch_sizes)]
+        # a shuffle of a source's n items gives floor(n / (B * world)) steps of B items per rank (at least one step, of
+        # n // world items, when B * world is more than it has); a source with fewer items than ranks gives none
+        self.take = [min(b, n // num_replicas) for n, b in zip(sizes, batch_sizes)]
+        self.per_round = [max(1, n // (b * num_replicas)) for n, b in zip(sizes, batch_sizes)]
+        self.steps_of = [k if n >= num_replicas else 0 for n, k in zip(sizes, self.per_round)]
         if not sum(self.steps_of):
             raise UserError(f"sources of {sizes} items cannot fill one batch on each of {num_replicas} ranks")
         self.steps_per_epoch = sum(self.steps_of)
@@ -94,16 +97,13 @@ class SourcePlan:
         orders = {}
         for s, k in enumerate(need):
             if k:
-                per_round = max(1, self.sizes[s] // (self.batch_sizes[s] * self.num_replicas))
-                orders[s] = self._order(s, epoch, -(-int(k) // per_round))
+                orders[s] = self._order(s, epoch, -(-int(k) // self.per_round[s]))
         seen = [0] * len(self.sizes)
         out = []
         for s in steps:
-            b, c = self.batch_sizes[s], seen[s]
+            r, within = divmod(seen[s], self.per_round[s])
             seen[s] += 1
-            per_round = max(1, self.sizes[s] // (b * self.num_replicas))
-            r, within = divmod(c, per_round)
-            take = min(b, self.sizes[s] // self.num_replicas)
+            take = self.take[s]
             start = r * self.sizes[s] + (within * self.num_replicas + rank) * take
             out.append((s, orders[s][start:start + take]))
         return out

@@ -169,22 +169,23 @@ class PretrainTrainer(SupervisedTrainer):
         if len(tasks.names) != 1:
             raise SelectingOptimizerRefused(f"{name} trains one supervised task; this run mixes {', '.join(tasks.names)}")
 
-    def _apply_batch_size(self, engine) -> None:
-        """At the start (also of a resumed run): the loader takes the optimizer's batch size."""
+    def _follow_batch_size(self, engine, size: int) -> bool:
+        """The loader's batches become ``size`` and the epoch its new number of steps; False when the loader cannot follow."""
         sampler = getattr(self.data_loader, "batch_sampler", None)
         if not isinstance(sampler, AdaptiveBatchSampler):
+            return False
+        sampler.batch_size = size
+        engine.state.epoch_length = len(self.data_loader)
+        return True
+
+    def _apply_batch_size(self, engine) -> None:
+        """At the start (also of a resumed run): the loader takes the optimizer's batch size."""
+        if not self._follow_batch_size(engine, self.optimizer.batch_size):
             logger.warning("%s adapts the batch size, but the loader's batch sampler is not an AdaptiveBatchSampler: "
                            "the batch size stays %s", type(self.optimizer).__name__, self.data_loader.batch_size)
-            return
-        sampler.batch_size = self.optimizer.batch_size
-        engine.state.epoch_length = len(self.data_loader)
 
     def _next_batch_size(self, engine) -> None:
-        size = self.optimizer.next_batch_size()
-        sampler = getattr(self.data_loader, "batch_sampler", None)
-        if isinstance(sampler, AdaptiveBatchSampler) and sampler.batch_size != size:
-            sampler.batch_size = size
-            engine.state.epoch_length = len(self.data_loader)
+        self._follow_batch_size(engine, self.optimizer.next_batch_size())
 
     def _is_done(self, state) -> bool:  # an instance method where ignite has a static one: epochs decide when batches vary
         if getattr(self, "adaptive_batches", False) and state.max_epochs is not None:
