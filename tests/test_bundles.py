@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medssl.bundle_settings import config_settings
-from medssl.bundles import bundle_root, check_metadata, list_bundles, run_bundle
+from medssl.bundles import bundle_parser, bundle_root, check_metadata, list_bundles, run_bundle
 
 VIT_BUNDLES = ["mae_ct_3d", "mae_xray_2d", "dino_xray_2d", "simclr_xray_2d", "mae_dino_ct_3d", "box_xray_2d", "brainfuse_xray_2d",
                "brainfuse_3d"]
@@ -147,9 +147,8 @@ def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch)
 
     configs = bundle_root(name) / "configs"
     shape = [1, 1] + [TINY[name]["image_size"]] * (3 if name.endswith("3d") else 2)
-    ckpt_export(net_id="network_def", filepath=str(out / "encoder.ts"), ckpt_file=str(model),
-                meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.yaml"),
-                use_trace=True, input_shape=shape, **inference)
+    ckpt_export(net_id="network_def", filepath=str(out / "encoder.ts"), ckpt_file=str(model),  # MONAI's default: scripting
+                meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.yaml"), **inference)
     scripted = torch.jit.load(str(out / "encoder.ts"))
     from medssl.models import ViT, ViTFeatureMap
 
@@ -159,6 +158,11 @@ def test_bundle_trains_embeds_and_exports(name, phantoms, tmp_path, monkeypatch)
     grid = TINY[name]["image_size"] // TINY[name]["patch_size"]
     assert scripted(x).shape == (1, 48) + (grid,) * (len(shape) - 2)  # channel-first feature map, as metadata.json says
     torch.testing.assert_close(scripted(x), eager.eval()(x), atol=1e-5, rtol=1e-5)
+    other = torch.rand(2, 1, *[TINY[name]["image_size"] + 3 * TINY[name]["patch_size"]] * (len(shape) - 2))  # windows overhang
+    torch.testing.assert_close(scripted(other), eager(other), atol=1e-5, rtol=1e-5)  # a scripted encoder runs at any size
+    ckpt_export(net_id="network_def", filepath=str(out / "traced.ts"), ckpt_file=str(model), use_trace=True, input_shape=shape,
+                meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.yaml"), **inference)
+    torch.testing.assert_close(torch.jit.load(str(out / "traced.ts"))(x), eager(x), atol=1e-5, rtol=1e-5)  # tracing: that size
     if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):  # the export extra
         import onnxruntime
         from monai.bundle import onnx_export
@@ -349,6 +353,18 @@ def test_the_medformer_bundle_trains_on_2d_and_3d_sources_then_embeds_and_evalua
         assert embedded.returncode == 0, embedded.stderr[-3000:]
         emb = np.load(tmp_path / f"emb{dims}.npz")
         assert emb["embeddings"].shape == (2, 32) and np.isfinite(emb["embeddings"]).all()
+    exported = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(tmp_path / "mf.ts"),
+                               "--ckpt_file", str(model), "--meta_file", str(configs / "metadata.json"),
+                               "--config_file", str(configs / "inference.yaml"), "--bundle_root", str(configs.parent), *_MEDFORMER],
+                              capture_output=True, text=True, cwd=tmp_path)  # scripted, MONAI's default
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    scripted = torch.jit.load(str(tmp_path / "mf.ts"))
+    settings = {k[2:]: int(v) for k, v in zip(_MEDFORMER[::2], _MEDFORMER[1::2])}
+    feature_map = bundle_parser("medformer_multi", settings, "inference").get_parsed_content("network_def")
+    feature_map.load_state_dict(torch.load(model, weights_only=True))
+    for shape in ((16, 16), (24, 32), (16, 16, 16)):  # one file, 2D and 3D, any size the patch divides
+        x = torch.rand(1, 1, *shape)
+        torch.testing.assert_close(scripted(x), feature_map.eval()(x), atol=1e-5, rtol=1e-5)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "labelled3d.npz", train_images=rng.integers(0, 255, (16, 16, 16, 16), dtype=np.uint8),
              train_labels=(np.arange(16) % 2)[:, None], val_images=rng.integers(0, 255, (8, 16, 16, 16), dtype=np.uint8),

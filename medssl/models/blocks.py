@@ -20,7 +20,7 @@ from monai.networks.blocks import MLPBlock
 from monai.networks.layers import DropPath
 from torch import nn
 
-__all__ = ["Attention", "Block", "CrossAttention", "CrossBlock", "key_padding_mask", "run_windows"]
+__all__ = ["Attention", "Block", "CrossAttention", "CrossBlock", "key_padding_mask"]
 
 
 # On CPU, both of PyTorch's SDPA kernels are slow for short sequences: the fused (flash) kernel
@@ -32,7 +32,7 @@ __all__ = ["Attention", "Block", "CrossAttention", "CrossBlock", "key_padding_ma
 CPU_SHORT_TOKENS = 192
 
 
-def _short_cpu_attention(q, k, v, mask):
+def _short_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, L)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
@@ -70,7 +70,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x).unbind(0)
         return self.out_proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))  # _attend: (B, H, L, hd)
 
     @torch.no_grad()
@@ -99,9 +99,21 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x), mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def windows(self, windows: torch.Tensor, mask: torch.Tensor | None = None, busy: torch.Tensor | None = None) -> torch.Tensor:
+        """This block on windows ``(W, T, D)``; with ``busy`` (indices of windows holding any real
+        token) only those run and the others (all padding) pass through untouched, which is where
+        dropping background saves compute in windowed blocks. ``mask`` is for the busy windows."""
+        if busy is None:
+            return self.forward(windows, mask)
+        return windows.index_copy(0, busy, self.forward(windows.index_select(0, busy), mask))
 
-def _attend(q, k, v, mask):
-    if q.device.type == "cpu" and max(q.shape[-2], k.shape[-2]) <= CPU_SHORT_TOKENS:
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if torch.jit.is_scripting():
+        short = 192  # CPU_SHORT_TOKENS: TorchScript cannot read a module global (this branch exists only there)
+    else:
+        short = CPU_SHORT_TOKENS
+    if q.device.type == "cpu" and max(q.shape[-2], k.shape[-2]) <= short:
         return _short_cpu_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -129,7 +141,7 @@ class CrossAttention(nn.Module):
     def forward(self, queries: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = queries.shape
         q = self._heads(self.q(queries), 1)[0]
-        k, v = self._heads(self.kv(context), 2)
+        k, v = self._heads(self.kv(context), 2).unbind(0)
         return self.out_proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))
 
     @torch.no_grad()
@@ -165,12 +177,3 @@ class CrossBlock(nn.Module):
             x = x + self.drop_path(self.self_attn(self.norm_self(x), self_mask))
         x = x + self.drop_path(self.cross_attn(self.norm_q(x), self.norm_context(context), context_mask))
         return x + self.drop_path(self.mlp(self.norm_mlp(x)))
-
-
-def run_windows(block: nn.Module, windows: torch.Tensor, mask: torch.Tensor | None, busy: torch.Tensor | None) -> torch.Tensor:
-    """Apply ``block`` to windows ``(W, T, D)``; with ``busy`` (indices of windows holding any real
-    token) only those run and the others (all padding) pass through untouched, which is where
-    dropping background saves compute in windowed blocks. ``mask`` is for the busy windows."""
-    if busy is None:
-        return block(windows, mask)
-    return windows.index_copy(0, busy, block(windows.index_select(0, busy), mask))

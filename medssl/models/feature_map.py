@@ -27,9 +27,9 @@ class _FeatureMap:
         return super().forward(x, keep, context)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.grid_size(x.shape[2:])
-        patches = super().forward(x)[:, self.num_prefix_tokens:]  # (B, N, D), raster order
-        return patches.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *grid)
+        grid = self._grid(x.shape[2:])
+        patches = self._forward_tokens(x, None)[:, self.num_prefix_tokens:]  # (B, N, D), raster order
+        return patches.transpose(1, 2).reshape([x.shape[0], self.embed_dim] + grid)
 
 
 class ViTFeatureMap(_FeatureMap, ViT):

@@ -30,7 +30,7 @@ takes :meth:`Medformer.view` of its dimensionality: a view with that ``spatial_d
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from monai.networks.layers import Conv
@@ -71,6 +71,8 @@ class Medformer(nn.Module):
     """
 
     num_prefix_tokens = 1
+    __jit_unused_properties__ = ["patch_size"]  # TorchScript: the forward reads _patch_of
+    __constants__ = ["num_prefix_tokens"]
 
     def __init__(self, in_channels: int = 1, patch_size: int | Mapping[int, int] = 4, embed_dim: int = 192, num_heads: int = 3,
                  num_latents: int = 32, latents_per_entry: int = 4, depth: int = 6, mlp_ratio: float = 4.0,
@@ -85,6 +87,7 @@ class Medformer(nn.Module):
         self.spatial_dims, self.pos_temperature = spatial_dims, pos_temperature
         edges = patch_size if isinstance(patch_size, Mapping) else {2: patch_size, 3: patch_size}
         self.patch_sizes = {d: ensure_tuple_rep(int(edges[d]), d) for d in (2, 3)}
+        self._patch_of = {str(d): list(p) for d, p in self.patch_sizes.items()}  # the form TorchScript reads
         self.patch_embed = nn.ModuleDict({str(d): Conv[Conv.CONV, d](in_channels, embed_dim, kernel_size=p, stride=p)
                                           for d, p in self.patch_sizes.items()})
         collections = DEFAULT_COLLECTIONS if collections is None else collections  # {}: shared latents only (the ablation)
@@ -104,6 +107,7 @@ class Medformer(nn.Module):
         self.decoder_cross = CrossBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio)
         self.norm = nn.LayerNorm(embed_dim)
         self._pos_cache: dict = {}
+        self._script_latents = {}  # str(spatial_dims) -> (1, L, D) latents of a scripted model: see __prepare_scriptable__
 
     # -- the grid interface (for the reported dimensionality; views give the other) -------------
     @property
@@ -112,13 +116,20 @@ class Medformer(nn.Module):
 
     def grid_size(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """Token grid of an input of ``spatial_shape`` (2D or 3D by its length; raises if the patch does not divide it)."""
-        shape = tuple(int(s) for s in spatial_shape)
-        if len(shape) not in (2, 3):
+        return tuple(self._grid([int(s) for s in spatial_shape]))
+
+    def _grid(self, shape: list[int]) -> list[int]:
+        if len(shape) != 2 and len(shape) != 3:
             raise ValueError(f"the Medformer takes 2D or 3D images, got spatial shape {shape}")
-        patch = self.patch_sizes[len(shape)]
-        if any(s % p for s, p in zip(shape, patch)):
+        patch = self._patch_of[str(len(shape))]
+        fits = True
+        grid: list[int] = []
+        for s, p in zip(shape, patch):
+            fits = fits and s % p == 0
+            grid.append(s // p)
+        if not fits:
             raise ValueError(f"input size {shape} is not a multiple of patch_size {patch}")
-        return tuple(s // p for s, p in zip(shape, patch))
+        return grid
 
     def layout(self, grid: Sequence[int], device: torch.device | str = "cpu") -> None:
         """No attention windows: the latents see every token."""
@@ -128,11 +139,24 @@ class Medformer(nn.Module):
         """This model as a ``spatial_dims``-D encoder (its parameters, not a copy)."""
         return MedformerView(self, spatial_dims)
 
-    def pos_embed(self, grid: Sequence[int], device: torch.device) -> torch.Tensor:
-        key = (tuple(grid), str(device))
-        if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
-        return self._pos_cache[key]
+    def pos_embed(self, grid: list[int], device: torch.device) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device)
+        else:
+            key = (tuple(grid), str(device))
+            if key not in self._pos_cache:
+                self._pos_cache[key] = sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
+            return self._pos_cache[key]
+
+    def __prepare_scriptable__(self) -> Medformer:
+        """Called by ``torch.jit.script``: TorchScript cannot choose latents by context (strings, a
+        ParameterDict), so a scripted Medformer uses the latents of :attr:`default_context`, taken
+        from the weights as they are now (export after loading them, as MONAI's ``ckpt_export``
+        does) and on the device the model is on. It ignores ``context``."""
+        device = self.latents.device
+        with torch.no_grad():
+            self._script_latents = {str(d): self.latent_array(None, 1, d, device).detach().clone() for d in (2, 3)}
+        return self
 
     # -- latents ------------------------------------------------------------------------------
     def entry_index(self, name: str, context: Mapping[str, Any] | None, batch: int, spatial_dims: int,
@@ -170,30 +194,42 @@ class Medformer(nn.Module):
         return out
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, context: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, context: Any = None) -> torch.Tensor:
         """Encode ``x`` ``(B, C, *spatial)``, 2D or 3D.
 
         Args:
             keep: optional ``(B, K)`` raster indices of the tokens to encode (-1: a padding slot).
-            context: the batch's conditioning; chooses the latents.
+            context: the batch's conditioning, a mapping (typed ``Any``: TorchScript has no
+                Mapping); chooses the latents. A scripted model ignores it (see
+                :meth:`__prepare_scriptable__`).
 
         Returns:
             ``(B, 1 + N, D)`` (a CLS token, then the grid in raster order), or ``(B, 1 + K, D)`` in
             the order of ``keep`` (padding slots are zeros).
         """
+        return self._forward_tokens(x, keep, context)
+
+    def _forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None, context: Any = None) -> torch.Tensor:
+        # the forward pass, under a name a subclass's forward can call in TorchScript (which has no super())
         d = x.ndim - 2
-        grid = self.grid_size(x.shape[2:])
-        tokens = self.patch_embed[str(d)](x).flatten(2).transpose(1, 2)  # (B, N, D)
+        grid = self._grid(x.shape[2:])
+        tokens = x.new_empty(0)
+        for name, embed in self.patch_embed.items():
+            if name == str(d):
+                tokens = embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         b = tokens.shape[0]
         pos = self.pos_embed(grid, tokens.device).unsqueeze(0).expand(b, -1, -1)  # (B, N, D)
-        valid = None
+        valid: Optional[torch.Tensor] = None
         if keep is not None:
             index = keep.clamp(min=0).unsqueeze(-1).expand(-1, -1, self.embed_dim)
             tokens, pos = tokens.gather(1, index), pos.gather(1, index)
-            valid = keep >= 0
-            if bool(valid.all()):
-                valid = None
-        latents = self.latent_array(context, b, d, tokens.device)
+            filled = keep >= 0
+            if not bool(filled.all()):
+                valid = filled
+        if torch.jit.is_scripting():
+            latents = self._script_latents[str(d)].expand(b, -1, -1)
+        else:
+            latents = self.latent_array(context, b, d, tokens.device)
         latents = self.encoder_cross(latents, tokens + pos, context_mask=key_padding_mask(valid))
         for block in self.blocks:
             latents = block(latents)

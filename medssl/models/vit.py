@@ -16,21 +16,27 @@
 Windows and masking: tokens are kept in window-major order (:class:`~medssl.models.windows.WindowLayout`).
 With windows, ``keep`` must hold the same number of slots for every window, window by window
 (``medssl.tasks.masking`` samples it that way); slots of -1 are padding, masked out of attention.
+
+TorchScript: ``torch.jit.script`` compiles the model (and :class:`~medssl.models.ViTFeatureMap`,
+what MONAI's ``ckpt_export`` scripts by default). Eager calls cache the position table and window
+layout of each grid; a scripted model computes them for the grid of each input (same functions,
+same values), so it runs at any size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from monai.networks.layers import Conv
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from .blocks import Block, key_padding_mask, run_windows
+from .blocks import Block, key_padding_mask
 from .base import embed
 from .position import sincos_position_embedding
-from .windows import WindowLayout
+from .windows import WindowLayout, window_indices
 
 __all__ = ["ViT", "SIZES"]
 
@@ -93,6 +99,9 @@ class ViT(nn.Module):
                                    for i in range(self.depth))
         self.norm = nn.LayerNorm(d)
         self.pixel_mean, self.pixel_std = self._pixel_stats(pixel_mean, pixel_std)
+        # the same facts as lists, the form TorchScript reads (it has no variable-length tuples)
+        self._patch, self._window, self._global = list(self.patch_size), list(self.window_size or ()), list(self.global_blocks)  # _window: [] is never read
+        self._plain_input = all(m == 0 for m in self.pixel_mean) and all(v == 1 for v in self.pixel_std)
         self._pos_cache: dict = {}
         self._layout_cache: dict = {}
         self._init_weights()
@@ -123,26 +132,36 @@ class ViT(nn.Module):
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - pixel_mean) / pixel_std`` (``x`` itself with the defaults)."""
-        if all(m == 0 for m in self.pixel_mean) and all(s == 1 for s in self.pixel_std):
+        if self._plain_input:
             return x
         return (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
 
     # -- geometry -------------------------------------------------------------------------
     def grid_size(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """Token grid of an input of ``spatial_shape`` (raises if not a multiple of the patch)."""
-        spatial_shape = tuple(int(s) for s in spatial_shape)
-        if len(spatial_shape) != self.spatial_dims or any(s % p for s, p in zip(spatial_shape, self.patch_size)):
-            raise ValueError(f"input size {spatial_shape} is not a {self.spatial_dims}D multiple of patch_size {self.patch_size}")
-        return tuple(s // p for s, p in zip(spatial_shape, self.patch_size))
+        return tuple(self._grid([int(s) for s in spatial_shape]))
 
-    def pos_embed(self, grid: Sequence[int], device: torch.device) -> torch.Tensor:
-        """Position embeddings ``(N, D)`` of ``grid`` (cached per grid and device)."""
-        key = (tuple(grid), str(device))
-        if torch.jit.is_tracing():  # a cache would make the traced graph depend on call history
-            return sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
-        if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
-        return self._pos_cache[key]
+    def _grid(self, shape: list[int]) -> list[int]:
+        fits = len(shape) == len(self._patch)
+        grid: list[int] = []
+        for s, p in zip(shape, self._patch):
+            fits = fits and s % p == 0
+            grid.append(s // p)
+        if not fits:
+            raise ValueError(f"input size {shape} is not a {self.spatial_dims}D multiple of patch_size {self._patch}")
+        return grid
+
+    def pos_embed(self, grid: list[int], device: torch.device) -> torch.Tensor:
+        """Position embeddings ``(N, D)`` of ``grid`` (cached per grid and device in eager calls)."""
+        if torch.jit.is_scripting():
+            return sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device)
+        else:
+            if torch.jit.is_tracing():  # a cache would make the traced graph depend on call history
+                return sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
+            key = (tuple(grid), str(device))
+            if key not in self._pos_cache:
+                self._pos_cache[key] = sincos_position_embedding(grid, self.embed_dim, self.pos_temperature, device=device)
+            return self._pos_cache[key]
 
     def layout(self, grid: Sequence[int], device: torch.device | str = "cpu") -> WindowLayout | None:
         """The :class:`WindowLayout` of ``grid`` (None for a global-attention model)."""
@@ -155,79 +174,111 @@ class ViT(nn.Module):
             self._layout_cache[key] = WindowLayout(grid, self.window_size).to(device)
         return self._layout_cache[key]
 
+    def _windows(self, grid: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(order, window_of, slot_of, n_windows)`` of :meth:`layout` (a windowed model only)."""
+        if torch.jit.is_scripting():
+            order, window_of, slot_of = window_indices(grid, self._window)
+            n_windows = 1
+            for g, w in zip(grid, self._window):
+                n_windows *= (g + min(w, g) - 1) // min(w, g)
+            return order.to(device), window_of.to(device), slot_of.to(device), n_windows
+        else:
+            layout = self.layout(grid, device)
+            return layout.order, layout.window_of, layout.slot_of, layout.n_windows
+
     # -- forward --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, context: Mapping | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, context: Any = None) -> torch.Tensor:
         """Encode ``x`` ``(B, C, *spatial)`` (the :class:`~medssl.models.base.GridEncoder` interface).
 
         Args:
             keep: optional ``(B, L)`` raster indices of the tokens to encode (-1 = padding slot).
-            context: the batch's conditioning (:func:`~medssl.models.base.batch_context`); this
-                ViT is unconditioned and ignores it.
+            context: the batch's conditioning (:func:`~medssl.models.base.batch_context`, a
+                mapping; typed ``Any`` because TorchScript has no Mapping); this ViT is
+                unconditioned and ignores it.
 
         Returns:
             ``(B, P + N, D)`` in raster order when ``keep`` is None, else ``(B, P + L, D)`` in the
             order of ``keep`` (padding slots are zeros).
         """
-        grid = self.grid_size(x.shape[2:])  # refuses sizes the patch does not divide (conv would crop silently)
+        return self._forward_tokens(x, keep)
+
+    def _forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        # the forward pass, under a name a subclass's forward can call in TorchScript (which has no super())
+        grid = self._grid(x.shape[2:])  # refuses sizes the patch does not divide (conv would crop silently)
         tokens = self.patch_embed(self.standardise(x))  # (B, D, *grid)
-        b, d = tokens.shape[:2]
+        b, d = tokens.shape[0], tokens.shape[1]
         tokens = tokens.flatten(2).transpose(1, 2) + self.pos_embed(grid, tokens.device)  # (B, N, D)
-        layout = self.layout(grid, tokens.device)
+        p = self.num_prefix_tokens
+        n_windows = 0  # 0: global attention
+        order = window_of = slot_of = tokens.new_empty(0, dtype=torch.long)
+        if self.window_size is not None:
+            order, window_of, slot_of, n_windows = self._windows(grid, tokens.device)
         slots = keep
-        if slots is None and layout is not None:
-            slots = layout.order.expand(b, -1)  # window-major order, -1 where windows overhang the grid
-        elif slots is not None and layout is not None:
-            self._check_window_slots(slots, layout)
-        valid = None
+        if n_windows:
+            if slots is None:
+                slots = order.expand(b, -1)  # window-major order, -1 where windows overhang the grid
+            else:
+                self._check_window_slots(slots, window_of, n_windows)
+        valid: Optional[torch.Tensor] = None
         if slots is not None:
             tokens = tokens.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))  # (B, L, D)
-            valid = slots >= 0
-            if bool(valid.all()):
-                valid = None
-        out = self.norm(self._encode(tokens, valid, layout))  # (B, P + L, D)
+            filled = slots >= 0
+            if not bool(filled.all()):
+                valid = filled
+        out = self.norm(self._encode(tokens, valid, n_windows))  # (B, P + L, D)
         if valid is not None:
-            out = out * torch.cat([valid.new_ones(b, self.num_prefix_tokens), valid], 1).unsqueeze(-1).to(out.dtype)
-        if keep is None and layout is not None:  # back to raster order
-            index = torch.cat([torch.arange(self.num_prefix_tokens, device=out.device), layout.slot_of + self.num_prefix_tokens])
+            out = out * torch.cat([valid.new_ones(b, p), valid], 1).unsqueeze(-1).to(out.dtype)
+        if keep is None and n_windows:  # back to raster order
+            index = torch.cat([torch.arange(p, device=out.device), slot_of + p])
             out = out[:, index]
         return out
 
-    def _encode(self, tokens: torch.Tensor, valid: torch.Tensor | None, layout: WindowLayout | None) -> torch.Tensor:
-        b, n, d = tokens.shape
+    def _encode(self, tokens: torch.Tensor, valid: torch.Tensor | None, n_windows: int) -> torch.Tensor:
+        """The blocks on ``tokens`` ``(B, L, D)`` (window-major when ``n_windows``; 0: global attention)."""
+        b, n, d = tokens.shape[0], tokens.shape[1], tokens.shape[2]
         p = self.num_prefix_tokens
-        prefix = self.cls_token.expand(b, -1, -1) if p else tokens[:, :0]  # (B, P, D)
-        full_valid = None if valid is None else torch.cat([valid.new_ones(b, p), valid], 1)
+        prefix = tokens[:, :0]  # (B, P, D)
+        if self.cls_token is not None:
+            prefix = self.cls_token.expand(b, -1, -1)
+        full_valid: Optional[torch.Tensor] = None
+        if valid is not None:
+            full_valid = torch.cat([valid.new_ones(b, p), valid], 1)
         global_mask = key_padding_mask(full_valid)
-        if layout is None:
+        if n_windows == 0:
             x = torch.cat([prefix, tokens], 1)  # (B, P + N, D)
             for blk in self.blocks:
                 x = blk(x, global_mask)
             return x
-        nw = layout.n_windows
-        if n % nw:
-            raise ValueError(f"{n} token slots do not split into {nw} windows")
-        t = n // nw
-        rows = None if valid is None else valid.reshape(b * nw, t)
-        busy = None if rows is None or bool(rows.any(1).all()) else rows.any(1).nonzero().squeeze(1)  # non-empty windows
-        window_mask = key_padding_mask(rows if busy is None else rows[busy])
-        for blk, is_global in zip(self.blocks, self.global_blocks):
-            if is_global:
+        if n % n_windows:
+            raise ValueError(f"{n} token slots do not split into {n_windows} windows")
+        t = n // n_windows
+        busy: Optional[torch.Tensor] = None  # non-empty windows
+        window_mask: Optional[torch.Tensor] = None
+        if valid is not None:
+            rows = valid.reshape(b * n_windows, t)
+            filled = rows.any(1)
+            if not bool(filled.all()):
+                busy = filled.nonzero().squeeze(1)
+                rows = rows[busy]
+            window_mask = key_padding_mask(rows)
+        for i, blk in enumerate(self.blocks):
+            if self._global[i]:
                 x = blk(torch.cat([prefix, tokens], 1), global_mask)
                 prefix, tokens = x[:, :p], x[:, p:]
             else:
-                tokens = run_windows(blk, tokens.reshape(b * nw, t, d), window_mask, busy).reshape(b, n, d)
+                tokens = blk.windows(tokens.reshape(b * n_windows, t, d), window_mask, busy).reshape(b, n, d)
                 if p:
                     prefix = blk(prefix)  # the CLS token is a window of its own
         return torch.cat([prefix, tokens], 1)
 
     @staticmethod
-    def _check_window_slots(slots: torch.Tensor, layout: WindowLayout) -> None:
-        b, n = slots.shape
-        if n % layout.n_windows:
-            raise ValueError(f"keep has {n} slots, not a multiple of the {layout.n_windows} attention windows; "
+    def _check_window_slots(slots: torch.Tensor, window_of: torch.Tensor, n_windows: int) -> None:
+        n = slots.shape[1]
+        if n % n_windows:
+            raise ValueError(f"keep has {n} slots, not a multiple of the {n_windows} attention windows; "
                              "sample it with medssl.tasks.masking.sample_mask")
-        expected = torch.arange(layout.n_windows, device=slots.device).repeat_interleave(n // layout.n_windows)
-        got = layout.window_of[slots.clamp(min=0)]
+        expected = torch.arange(n_windows, device=slots.device).repeat_interleave(n // n_windows)
+        got = window_of[slots.clamp(min=0)]
         if bool(((got != expected) & (slots >= 0)).any()):
             raise ValueError("keep is not grouped window by window (same number of slots per window, in window order); "
                              "sample it with medssl.tasks.masking.sample_mask")

@@ -16,7 +16,44 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["WindowLayout"]
+__all__ = ["WindowLayout", "window_indices"]
+
+
+def window_indices(grid: list[int], window: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, window_of, slot_of)`` of :class:`WindowLayout` for ``grid`` and ``window`` (per axis).
+
+    Written with tensor arithmetic on the window-major slot index (window index major, position in
+    the window minor, both in C order), so TorchScript compiles it and a scripted encoder builds
+    the layout of whatever grid its input has.
+    """
+    nd = len(grid)
+    if len(window) != nd:
+        raise ValueError("window and grid differ in dimensionality")
+    win: list[int] = []
+    counts: list[int] = []
+    n_windows, per_window, n_tokens = 1, 1, 1
+    for g, w in zip(grid, window):
+        w = min(w, g)
+        win.append(w)
+        counts.append((g + w - 1) // w)
+        n_windows, per_window, n_tokens = n_windows * counts[-1], per_window * w, n_tokens * g
+    slot = torch.arange(n_windows * per_window)
+    window_index, in_window = slot // per_window, slot % per_window
+    raster = torch.zeros_like(slot)
+    valid = torch.ones_like(slot, dtype=torch.bool)
+    rest_window, rest_in, stride = window_index, in_window, 1
+    for axis in range(nd - 1, -1, -1):  # last axis fastest
+        coord = (rest_window % counts[axis]) * win[axis] + rest_in % win[axis]
+        rest_window, rest_in = rest_window // counts[axis], rest_in // win[axis]
+        valid = valid & (coord < grid[axis])
+        raster = raster + coord * stride
+        stride *= grid[axis]
+    order = torch.where(valid, raster, torch.full_like(raster, -1))
+    window_of = torch.empty(n_tokens, dtype=torch.long)
+    window_of[raster[valid]] = window_index[valid]
+    slot_of = torch.empty(n_tokens, dtype=torch.long)  # inverse of ``order``
+    slot_of[raster[valid]] = slot[valid]
+    return order, window_of, slot_of
 
 
 class WindowLayout:
@@ -35,23 +72,9 @@ class WindowLayout:
             raise ValueError(f"window {tuple(window)} and grid {tuple(grid)} differ in dimensionality")
         self.grid = tuple(int(g) for g in grid)
         self.window = tuple(min(int(w), g) for w, g in zip(window, self.grid))
-        counts = [math.ceil(g / w) for g, w in zip(self.grid, self.window)]  # windows per axis
-        self.n_windows = math.prod(counts)
+        self.n_windows = math.prod(math.ceil(g / w) for g, w in zip(self.grid, self.window))
         self.tokens_per_window = math.prod(self.window)
-        nd = len(self.grid)
-        padded = [c * w for c, w in zip(counts, self.window)]
-        raster = torch.full(padded, -1, dtype=torch.long)
-        raster[tuple(slice(0, g) for g in self.grid)] = torch.arange(math.prod(self.grid)).view(self.grid)
-        # (c0, w0, c1, w1, ...) -> (c0, c1, ..., w0, w1, ...): window index major, position in window minor
-        split = raster.view([v for c, w in zip(counts, self.window) for v in (c, w)])
-        perm = [2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)]
-        self.order = split.permute(perm).reshape(-1)
-        slot_window = torch.arange(self.n_windows).repeat_interleave(self.tokens_per_window)
-        valid = self.order >= 0
-        self.window_of = torch.empty(math.prod(self.grid), dtype=torch.long)
-        self.window_of[self.order[valid]] = slot_window[valid]
-        self.slot_of = torch.empty(math.prod(self.grid), dtype=torch.long)  # inverse of ``order``
-        self.slot_of[self.order[valid]] = torch.arange(len(self.order))[valid]
+        self.order, self.window_of, self.slot_of = window_indices(list(self.grid), list(self.window))
 
     def to(self, device: torch.device | str) -> WindowLayout:
         """Move the index tensors to ``device`` (in place; returns self)."""

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..models.blocks import Block, key_padding_mask, run_windows
+from ..models.blocks import Block, key_padding_mask
 from ..models.position import sincos_position_embedding
 from .base import Task, register_task
 from .masking import TokenMask, patch_foreground, sample_mask
@@ -105,7 +105,7 @@ class MAETask(Task):
         busy = None if bool(valid.any(1).all()) else valid.any(1).nonzero().squeeze(1)  # windows with real tokens
         attn_mask = None if bool(valid.all()) else key_padding_mask(valid if busy is None else valid[busy])
         for blk in self.decoder_blocks:
-            tokens = run_windows(blk, tokens, attn_mask, busy)
+            tokens = blk.windows(tokens, attn_mask, busy)
         pred = self.decoder_pred(self.decoder_norm(tokens))  # (B * nW, k + t, P)
         return pred.view(b, nw, k + t, -1)[:, :, k:].reshape(b, nw * t, -1)  # (B, Lt, P) in target order
 
