@@ -9,8 +9,12 @@ every view, the output distribution a teacher gives on the *other* global views:
 - the teacher is an exponential moving average of the student, momentum rising from ``momentum``
   to 1 on a cosine over training, updated in :meth:`step_end` after every optimizer step (also
   after another task's step in multi-task runs, so it follows the shared backbone);
-- collapse is avoided by centring (an EMA of the teacher's batch-mean output, all-reduced over
-  DDP ranks) and sharpening (teacher temperature, warmed up from ``warmup_teacher_temp``);
+- collapse is avoided by centring and sharpening (teacher temperature, warmed up from
+  ``warmup_teacher_temp``). ``centering="ema"`` is the paper's: subtract an EMA of the teacher's
+  batch-mean output (all-reduced over DDP ranks). ``centering="sinkhorn"`` is DINOv2's:
+  Sinkhorn-Knopp over the batch's teacher outputs (:func:`~medssl.tasks.sinkhorn.sinkhorn`, the
+  temperature as its epsilon), which spreads the batch over the prototypes however alike its
+  images score;
 - the prototypes get no gradient for the first ``freeze_prototypes`` share of training.
 
 The teacher never receives gradients (``requires_grad=False``); its backbone always runs in eval
@@ -34,8 +38,11 @@ from ..models.base import batch_context
 from .base import Task, register_task
 from .ema import ema_momentum, ema_update  # noqa: F401  (re-exported: the EMA lives in ema.py)
 from .heads import DINOHead
+from .sinkhorn import sinkhorn
 
-__all__ = ["DINOTask", "koleo_loss", "normalised_entropy", "teacher_temperature", "ema_momentum", "ema_update"]
+CENTERINGS = ("ema", "sinkhorn")
+
+__all__ = ["DINOTask", "CENTERINGS", "koleo_loss", "normalised_entropy", "teacher_temperature", "ema_momentum", "ema_update"]
 
 
 def teacher_temperature(progress: float, warmup_temp: float, temp: float, warmup: float) -> float:
@@ -85,6 +92,8 @@ class DINOTask(Task):
         freeze_prototypes: share of training during which the prototypes are not trained.
         koleo_weight: weight of the :func:`koleo_loss` on the student's pooled global-view
             embeddings (DINOv2 uses 0.1; 0 turns it off).
+        centering: ``"ema"`` (DINO's centre) or ``"sinkhorn"`` (DINOv2's Sinkhorn-Knopp teacher,
+            ``sinkhorn_iterations`` steps over all global views of the batch; no centre kept).
     """
 
     required_keys = ("views",)
@@ -94,10 +103,13 @@ class DINOTask(Task):
                  warmup_teacher_temp: float = 0.04, teacher_temp_warmup: float = 0.3, momentum: float = 0.996,
                  center_momentum: float = 0.9, freeze_prototypes: float = 0.01, views_key: str = "views",
                  local_key: str = "local_views", koleo_weight: float = 0.0,
-                 head_batch_norm: bool = False) -> None:
+                 head_batch_norm: bool = False, centering: str = "ema", sinkhorn_iterations: int = 3) -> None:
         super().__init__(backbone)
         if not 0.0 <= momentum <= 1.0 or not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"momentum and center_momentum must lie in [0, 1], got {momentum}, {center_momentum}")
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {', '.join(CENTERINGS)}, got {centering!r}")
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
         self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, batch_norm=head_batch_norm)
         self.teacher = copy.deepcopy(backbone)
@@ -138,7 +150,10 @@ class DINOTask(Task):
         s_out = torch.cat(s_out).div(self.student_temp).log_softmax(-1).chunk(n_global + (0 if local is None else local.shape[1]))
 
         temp = teacher_temperature(self.progress, self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp_warmup)
-        t_prob = ((t_out - self.center) / temp).softmax(-1).chunk(n_global)
+        if self.centering == "sinkhorn":
+            t_prob = sinkhorn(t_out, epsilon=temp, iterations=self.sinkhorn_iterations).chunk(n_global)
+        else:
+            t_prob = ((t_out - self.center) / temp).softmax(-1).chunk(n_global)
         loss, terms = t_out.new_zeros(()), 0
         for i, q in enumerate(t_prob):
             for j, log_p in enumerate(s_out):
@@ -151,7 +166,8 @@ class DINOTask(Task):
             koleo = sum(koleo_loss(e) for e in s_emb.float().chunk(n_global)) / n_global
             loss = loss + self.koleo_weight * koleo
             out["koleo"] = koleo.detach()
-        self._update_center(t_out)
+        if self.centering == "ema":
+            self._update_center(t_out)
         return {"loss": loss, **out, "teacher_entropy": normalised_entropy(t_prob[0]).detach(), "teacher_temp": torch.tensor(temp)}
 
     @torch.no_grad()

@@ -24,36 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import is_distributed, world_size
 from ..models.base import batch_context
 from .base import Task, register_task
 from .heads import ProjectionMLP
+from .sinkhorn import sinkhorn
 
 __all__ = ["SwAVTask", "sinkhorn", "swav_loss"]
-
-
-@torch.no_grad()
-def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
-    """Soft equal-partition assignments ``(B, K)`` from prototype scores ``(B, K)`` (all ranks' batches together).
-
-    ``Q = exp(scores / epsilon)`` is alternately normalised so that every prototype receives
-    ``N / K`` of the ``N`` images of the global batch and every image a total of 1 (rows sum to 1
-    exactly after the last step; columns to ``N / K`` up to the iterations' convergence).
-    """
-    q = (scores.float() / epsilon).exp().T  # (K, B)
-    q = q / _all_sum(q.sum())
-    k, n = q.shape[0], q.shape[1] * world_size()
-    for _ in range(iterations):
-        q = q / _all_sum(q.sum(dim=1, keepdim=True)) / k  # each prototype: total 1 / K
-        q = q / q.sum(dim=0, keepdim=True) / n  # each image: total 1 / N
-    return (q * n).T
-
-
-def _all_sum(x: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-    return x
 
 
 def swav_loss(codes: torch.Tensor, scores: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:

@@ -155,6 +155,11 @@ class TestDINOWithSpreadingAids(TestDINO):
         return DINOTask(backbone, out_dim=64, hidden_dim=32, bottleneck_dim=16, head_batch_norm=True, koleo_weight=0.1)
 
 
+class TestDINOSinkhorn(TestDINO):
+    def make_task(self, backbone):
+        return DINOTask(backbone, out_dim=64, hidden_dim=32, bottleneck_dim=16, centering="sinkhorn")
+
+
 class TestSimCLR(TaskContract):
     def make_task(self, backbone):
         return SimCLRTask(backbone, hidden_dim=32, out_dim=16)

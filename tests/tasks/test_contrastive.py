@@ -11,7 +11,8 @@ from monai.losses import ContrastiveLoss
 from medssl.models import ViT
 from medssl.tasks import BarlowTwinsTask, BYOLTask, DINOTask, nt_xent
 from medssl.tasks.byol import byol_loss
-from medssl.tasks.swav import sinkhorn, swav_loss
+from medssl.tasks.sinkhorn import sinkhorn
+from medssl.tasks.swav import swav_loss
 from medssl.tasks.dino import koleo_loss, teacher_temperature
 from medssl.tasks.ema import ema_momentum
 
@@ -189,6 +190,38 @@ def test_dino_head_batch_norm_gives_the_teacher_a_signal_on_near_identical_image
             logits = task.teacher_head(task.teacher.embed(images, "cls"))
         spread[bn] = float(logits.std(0).mean())
     assert spread[True] > 10 * spread[False]
+
+
+def test_dino_sinkhorn_centring_targets_are_the_sinkhorn_codes_of_all_global_views():
+    """DINOv2's Sinkhorn-Knopp teacher: the targets are the equal-partition codes of every global view of the batch at
+    once (epsilon = the teacher temperature), every prototype gets an equal share, and no centre is kept."""
+    torch.manual_seed(0)
+    views = torch.rand(8, 2, 1, 16, 16)
+    task = _dino(centering="sinkhorn")
+    before = task.center.clone()
+    task.step_start(0.5)
+    with torch.no_grad():
+        t_out = task.teacher_head(task.teacher.embed(views.transpose(0, 1).flatten(0, 1), "cls")).float()
+    temp = teacher_temperature(0.5, task.warmup_teacher_temp, task.teacher_temp, task.teacher_temp_warmup)
+    codes = sinkhorn(t_out, epsilon=temp, iterations=3).chunk(2)
+    s_out = (task.head(task.backbone.embed(views.transpose(0, 1).flatten(0, 1), "cls")) / task.student_temp).log_softmax(-1).chunk(2)
+    expected = ((-codes[0] * s_out[1]).sum(-1).mean() + (-codes[1] * s_out[0]).sum(-1).mean()) / 2
+    torch.testing.assert_close(torch.cat(codes).sum(0), torch.full((32,), 16 / 32), atol=1e-3, rtol=1e-3)  # equal shares
+    out = task({"views": views})
+    assert out["dino_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    out["loss"].backward()
+    assert task.backbone.patch_embed.weight.grad.abs().sum() > 0
+    assert torch.equal(task.center, before)  # no centre under Sinkhorn
+    with pytest.raises(ValueError, match="centering must be one of ema, sinkhorn"):
+        _dino(centering="mean")
+
+
+def test_sinkhorn_takes_scores_whose_exponent_overflows():
+    scores = torch.tensor([[10.0, 0.0, -10.0], [0.0, 10.0, 5.0]])
+    q = sinkhorn(scores, epsilon=0.01, iterations=3)  # exp(1000) overflows float32 without the shift
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(2))
+    torch.testing.assert_close(sinkhorn(scores, epsilon=1.0), sinkhorn(scores + 7.0, epsilon=1.0))  # a shift changes nothing
 
 
 def _two_rank_losses(rank, world, init_file, z1, z2, out_dir):
