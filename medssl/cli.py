@@ -128,7 +128,8 @@ def _plan(args):
     split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
     return EvalPlan(fractions=tuple(float(v) for v in split(args.fractions)), seeds=args.seeds, methods=split(args.methods),
                     baselines=split(args.baselines), poolings=split(args.poolings), epochs=args.epochs,
-                    finetune_pooling=args.finetune_pooling, optimizer=args.optimizer, dba_strategy=args.dba_strategy)
+                    finetune_pooling=args.finetune_pooling, optimizer=args.optimizer, dba_strategy=args.dba_strategy,
+                    class_weight=args.class_weight)
 
 
 def _evaluate(args) -> int:
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="optimizer of fine-tuning and the trained baselines (default adamw); dba / edba adapt the batch "
                             "size per epoch (Dynamic Batch Adaptation; dba-sgd, edba-adam ... choose the inner optimizer)")
         p.add_argument("--dba-strategy", choices=STRATEGIES, default="variance_norm", help="DBA's stride selection (default variance_norm)")
+        p.add_argument("--class-weight", choices=("balanced", "none"), default="balanced",
+                       help="loss weights of fine-tuning and the trained baselines: balanced (inverse class frequency of the "
+                            "labelled subset, so few labels of an imbalanced set do not teach the majority class alone) or none")
 
     p = sub.add_parser("evaluate", help="linear probe, kNN and fine-tuning at several label fractions, with baselines")
     p.add_argument("--checkpoint", required=True, help="encoder weights (RUN/models/model.pt)")

@@ -62,6 +62,7 @@ class EvalPlan:
     lr: float = 1e-3
     optimizer: str = "adamw"  # of fine-tuning and the trained baselines: adamw, sgd, adam, dba[-sgd|-adam], edba[-...]
     dba_strategy: str = "variance_norm"
+    class_weight: str = "balanced"  # fine-tuning / trained baselines: balanced (inverse class frequency) | none
 
     def __post_init__(self):
         unknown = (set(self.methods) - {*FROZEN, "finetune"}) | (set(self.baselines) - set(BASELINES))
@@ -70,6 +71,10 @@ class EvalPlan:
         from ..optim.names import STRATEGIES, parse_optimizer
 
         parse_optimizer(self.optimizer)
+        from ..tasks.classify import CLASS_WEIGHTS
+
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"unknown class_weight {self.class_weight!r}; choose one of {', '.join(CLASS_WEIGHTS)}")
         if self.dba_strategy not in STRATEGIES:
             raise ValueError(f"unknown DBA strategy {self.dba_strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
@@ -195,7 +200,7 @@ def run_evaluation(make_encoder: Callable[[bool], torch.nn.Module], splits: dict
                     train_classifier(model, xtr[train_idx], ytr[train_idx], stop_x, stop_y, epochs=plan.epochs,
                                      batch_size=plan.batch_size, lr=plan.lr, patience=plan.patience, seed=seed,
                                      layer_decay=0.75 if method == "finetune" else None, device=device,
-                                     optimizer=optimizer, optimizer_options=options)
+                                     optimizer=optimizer, optimizer_options=options, class_weight=plan.class_weight)
                     return len(train_idx), model.predict(xrep)
                 run(method, plan.finetune_pooling if method != "resnet18" else "-", fraction, seed, supervised_scores,
                     extra={"optimizer": plan.optimizer_for(method)[0]})

@@ -213,7 +213,7 @@ class Medformer(nn.Module):
         # the forward pass, under a name a subclass's forward can call in TorchScript (which has no super())
         d = x.ndim - 2
         grid = self._grid(x.shape[2:])
-        tokens = x.new_empty(0)
+        tokens = torch.empty([0], dtype=x.dtype, device=x.device)
         for name, embed in self.patch_embed.items():
             if name == str(d):
                 tokens = embed(x).flatten(2).transpose(1, 2)  # (B, N, D)

@@ -210,7 +210,7 @@ class ViT(nn.Module):
         tokens = tokens.flatten(2).transpose(1, 2) + self.pos_embed(grid, tokens.device)  # (B, N, D)
         p = self.num_prefix_tokens
         n_windows = 0  # 0: global attention
-        order = window_of = slot_of = tokens.new_empty(0, dtype=torch.long)
+        order = window_of = slot_of = torch.empty([0], dtype=torch.long, device=tokens.device)
         if self.window_size is not None:
             order, window_of, slot_of, n_windows = self._windows(grid, tokens.device)
         slots = keep

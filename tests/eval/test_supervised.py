@@ -60,3 +60,64 @@ def test_early_stopping_stops_and_restores_the_best_weights():
     result = train_classifier(model, x[:16], y[:16], x[16:], y[16:], epochs=20, lr=0.0, patience=2, warmup_epochs=0)
     assert result["epochs_run"] == 3 and result["best_epoch"] == 0  # lr 0: nothing improves after epoch 0
     assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+
+
+def test_balanced_class_weights_match_inverse_frequency_and_average_one():
+    from medssl.tasks.classify import balanced_class_weights
+
+    torch.testing.assert_close(balanced_class_weights([0, 0, 0, 1], 2), torch.tensor([4 / 6, 2.0]))
+    w = balanced_class_weights(torch.tensor([0, 0, 1, 1, 2, -1]), 4)  # -1 unlabelled; class 3 absent
+    torch.testing.assert_close(w, torch.tensor([5 / 6, 5 / 6, 5 / 3, 1.0]))
+    assert w[torch.tensor([0, 0, 1, 1, 2])].mean().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_class_weights_weight_each_item_in_forward_and_per_sample_loss(spatial_dims):
+    torch.manual_seed(0)
+    model = ClassificationTask(ViT(spatial_dims, 1, patch_size=4, size="micro"), num_classes=2, pooling="mean")
+    x, y = _images(spatial_dims, n=8)
+    y[0] = -1  # unlabelled: no loss
+    batch = {"image": x, "label": y}
+    plain = model.per_sample_loss(batch)
+    model.set_class_weights([0.5, 3.0])
+    weighted = model.per_sample_loss(batch)
+    expected = plain * torch.where(y == 1, 3.0, 0.5)
+    expected[0] = 0.0
+    torch.testing.assert_close(weighted, expected)
+    assert model(batch)["loss"].item() == pytest.approx(weighted[1:].mean().item(), rel=1e-6)
+    assert "class_weights" not in model.state_dict()  # not weights: checkpoints keep their keys
+    with pytest.raises(ValueError, match="class_weights must be 2 finite numbers"):
+        model.set_class_weights([1.0, -1.0])
+
+
+def test_balanced_fine_tuning_does_not_learn_the_majority_class_alone():
+    """Five labels of the minority class among 50: with plain cross-entropy the head predicts the majority class for
+    every image although it ranks them perfectly (balanced accuracy 0.5, as 1 % PneumoniaMNIST fine-tuning did, issue
+    #18); balanced weights give the minority class its share of the loss, and early stopping on AUC and balanced
+    accuracy together keeps an epoch whose decisions follow the ranking."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(100, 1, 8, 8, generator=g) * 0.2
+    y = torch.zeros(100, dtype=torch.long)
+    y[::10] = 1
+    x[y == 1, :, :4] += 0.4
+    from medssl.eval import classification_metrics
+
+    scores = {}
+    for class_weight in ("none", "balanced"):
+        torch.manual_seed(0)
+        model = ClassificationTask(ViT(2, 1, patch_size=4, size="micro"), num_classes=2, pooling="mean")
+        train_classifier(model, x[:50], y[:50], x[50:], y[50:], epochs=6, batch_size=16, lr=1e-3, patience=6,
+                         class_weight=class_weight)
+        scores[class_weight] = classification_metrics(y[50:].numpy(), model.predict(x[50:]))["balanced_accuracy"]
+    assert scores["none"] == pytest.approx(0.5) and scores["balanced"] > 0.9
+    with pytest.raises(ValueError, match="class_weight must be one of balanced, none"):
+        train_classifier(model, x[:8], y[:8], x[8:16], y[8:16], epochs=1, class_weight="inverse")
+
+
+def test_early_stopping_selects_on_auc_and_balanced_accuracy_together():
+    from medssl.eval.supervised import selection_score
+
+    ranks_only = {"auc": 1.0, "balanced_accuracy": 0.5, "accuracy": 0.9}
+    decides_too = {"auc": 0.98, "balanced_accuracy": 0.9, "accuracy": 0.9}
+    assert selection_score(decides_too) > selection_score(ranks_only)
+    assert selection_score({"auc": float("nan"), "balanced_accuracy": 0.4, "accuracy": 0.4}) == 0.4  # one class: accuracy

@@ -151,3 +151,13 @@ def test_export_to_monai_vit_gives_the_same_outputs(spatial_dims, pixels):
 def test_windowed_encoder_does_not_export():
     with pytest.raises(ValueError, match="global-attention"):
         to_monai_vit(_vit(2, window_size=2), 16)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("window_size", [None, 2])
+def test_a_monai_metatensor_input_gives_the_plain_tensor_outputs(spatial_dims, window_size):
+    from monai.data import MetaTensor
+
+    model = _vit(spatial_dims, window_size=window_size)
+    x = torch.rand(2, 1, *[16] * spatial_dims)
+    torch.testing.assert_close(torch.as_tensor(model(MetaTensor(x))), model(x))
