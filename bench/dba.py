@@ -184,9 +184,10 @@ def medical(args) -> str:
     optimizers = args.optimizers.split(",")
     fractions = tuple(float(f) for f in args.fractions.split(","))
     records = {}
+    class_weight = args.class_weight
     for opt in optimizers:
         plan = EvalPlan(fractions=fractions, seeds=args.seeds, methods=("finetune",), baselines=("scratch",), poolings=("cls",),
-                        epochs=args.epochs, optimizer=opt)
+                        epochs=args.epochs, optimizer=opt, class_weight=class_weight)
         started = time.perf_counter()
         evaluate(args.checkpoint, args.data, Path(args.out) / opt, plan=plan, progress=not args.quiet)
         result = json.loads((Path(args.out) / opt / "results.json").read_text())
@@ -197,7 +198,8 @@ def medical(args) -> str:
     run = "/".join(Path(args.checkpoint).parts[-5:-3])  # RUN/<objective> of the bench/objectives.py run that made it
     lines = [f"{name}, the encoder of `{run}` (MAE, ViT-Tiny); "
              f"fine-tuning (`finetune`) and the same ViT from scratch (`scratch`), {args.epochs} epochs with early stopping, batch 64, "
-             f"lr 1e-3; DBA: variance norm, stride 4; EDBA: 16 candidates. Mean ± std over {args.seeds} seeds; in brackets the "
+             f"lr 1e-3, class weights {class_weight}, early stopping on the mean of AUC and balanced accuracy; "
+             f"DBA: variance norm, stride 4; EDBA: 16 candidates. Mean ± std over {args.seeds} seeds; in brackets the "
              f"difference to {base} paired by seed (wins of {args.seeds}). Machine: {_machine()}.", ""]
     for metric in ("balanced_accuracy", "auc"):
         assert metric in METRICS
@@ -294,6 +296,7 @@ def main() -> None:
     m.add_argument("--fractions", default="0.01,0.1,1")
     m.add_argument("--seeds", type=int, default=3)
     m.add_argument("--epochs", type=int, default=30)
+    m.add_argument("--class-weight", choices=("balanced", "none"), default="balanced", help="fine-tuning loss weights (medssl evaluate's)")
     m.add_argument("--quiet", action="store_true")
     c = sub.add_parser("cost")
     c.add_argument("--optimizers", default="adamw,dba,edba")
