@@ -318,12 +318,14 @@ def test_evaluate_fine_tunes_with_dba_through_monai_bundle_run(optimizer, tmp_pa
            "--bundle_root", str(ROOT / "bundles" / "mae_xray_2d"), "--output_dir", str(out), "--ckpt_path", str(ckpt),
            "--dataset_dir", str(labels), "--vit_size", "micro", "--patch_size", "4", "--image_size", "16", "--window_size", "0",
            "--methods", "['finetune']", "--baselines", "['scratch']", "--poolings", "['cls']", "--fractions", "[1.0]",
-           "--seeds", "1", "--epochs", "3", "--optimizer", optimizer, "--dba_strategy", "gradient_norm"]
+           "--seeds", "1", "--epochs", "3", "--optimizer", optimizer, "--dba_strategy", "gradient_norm",
+           "--class_weight", "none" if optimizer == "dba" else "balanced"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (out / "evaluation" / "records.jsonl").read_text().splitlines()
     header = json.loads(lines[0])["header"]
     assert header["plan"]["optimizer"] == optimizer and header["plan"]["dba_strategy"] == "gradient_norm"
+    assert header["plan"]["class_weight"] == ("none" if optimizer == "dba" else "balanced")
     records = [json.loads(line) for line in lines[1:]]
     assert {r["method"] for r in records} == {"finetune", "scratch"} and {r["optimizer"] for r in records} == {optimizer}
     assert f"Fine-tuning and trained baselines: {optimizer}" in (out / "evaluation" / "results.md").read_text()
@@ -339,7 +341,9 @@ def test_medssl_evaluate_takes_the_optimizer_and_keeps_resnet_on_dbas_inner_opti
     assert main(["-q", "evaluate", "--checkpoint", str(ckpt), "--data", str(labels), "--out", str(out), "--methods", "finetune",
                  "--baselines", "scratch,resnet18", "--poolings", "cls", "--fractions", "1", "--seeds", "1", "--epochs", "2",
                  "--optimizer", "dba-sgd"]) == 0
-    records = json.loads((out / "results.json").read_text())["records"]
+    result = json.loads((out / "results.json").read_text())
+    assert result["plan"]["class_weight"] == "balanced"  # the default
+    records = result["records"]
     assert {r["method"]: r["optimizer"] for r in records} == {"finetune": "dba-sgd", "scratch": "dba-sgd", "resnet18": "sgd"}
     assert "dba-sgd" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stopped:
