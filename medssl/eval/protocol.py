@@ -252,8 +252,10 @@ def write_reports(result: dict, out: str | os.PathLike, title: str = "") -> list
              f"{result['plan']['seeds']} seeds; same label subsets for every row.", ""]
     trained = sorted({r["optimizer"] for r in result["records"] if "optimizer" in r})
     if trained:
+        weights = result["plan"].get("class_weight", "none")  # results written before class weights existed had none
         lines += [f"Fine-tuning and trained baselines: {', '.join(trained)} (batch size {result['plan'].get('batch_size', 64)}"
-                  f"{', adapted per epoch' if any(o.startswith(('dba', 'edba')) for o in trained) else ''}).", ""]
+                  f"{', adapted per epoch' if any(o.startswith(('dba', 'edba')) for o in trained) else ''}; "
+                  f"{'class-balanced' if weights == 'balanced' else 'plain'} cross-entropy).", ""]
     for metric in METRICS:
         lines += [f"## {metric}", "", *markdown_table(table, metric, fractions, ("method", "pooling")), ""]
     (out / "results.md").write_text("\n".join(lines))

@@ -328,7 +328,9 @@ def test_evaluate_fine_tunes_with_dba_through_monai_bundle_run(optimizer, tmp_pa
     assert header["plan"]["class_weight"] == ("none" if optimizer == "dba" else "balanced")
     records = [json.loads(line) for line in lines[1:]]
     assert {r["method"] for r in records} == {"finetune", "scratch"} and {r["optimizer"] for r in records} == {optimizer}
-    assert f"Fine-tuning and trained baselines: {optimizer}" in (out / "evaluation" / "results.md").read_text()
+    report = (out / "evaluation" / "results.md").read_text()
+    assert f"Fine-tuning and trained baselines: {optimizer}" in report
+    assert ("plain cross-entropy" if optimizer == "dba" else "class-balanced cross-entropy") in report
 
 
 def test_medssl_evaluate_takes_the_optimizer_and_keeps_resnet_on_dbas_inner_optimizer(tmp_path, capsys):
