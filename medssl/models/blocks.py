@@ -14,13 +14,15 @@ form is measurably faster (see ``CPU_SHORT_TOKENS``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock
 from monai.networks.layers import DropPath
 from torch import nn
 
-__all__ = ["Attention", "Block", "CrossAttention", "CrossBlock", "key_padding_mask"]
+__all__ = ["Attention", "Block", "CrossAttention", "CrossBlock", "key_padding_mask", "written_out_attention"]
 
 
 # On CPU, both of PyTorch's SDPA kernels are slow for short sequences: the fused (flash) kernel
@@ -30,6 +32,19 @@ __all__ = ["Attention", "Block", "CrossAttention", "CrossBlock", "key_padding_ma
 # and small-image MAE encoders live in the short regime, so there attention is written out
 # (two matmuls in the autocast dtype and a softmax); everywhere else, and always on GPU, it is SDPA.
 CPU_SHORT_TOKENS = 192
+_WRITTEN_OUT = [False]  # set by written_out_attention()
+
+
+@contextmanager
+def written_out_attention():
+    """Inside, attention is always the written-out form: ``torch.func.vmap`` (per-sample gradients)
+    has no batching rule for SDPA's fused CPU kernel and falls back to a slow loop over the batch,
+    with a warning each call."""
+    before, _WRITTEN_OUT[0] = _WRITTEN_OUT[0], True
+    try:
+        yield
+    finally:
+        _WRITTEN_OUT[0] = before
 
 
 def _short_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -110,10 +125,10 @@ class Block(nn.Module):
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if torch.jit.is_scripting():
-        short = 192  # CPU_SHORT_TOKENS: TorchScript cannot read a module global (this branch exists only there)
+        short, written_out = 192, False  # CPU_SHORT_TOKENS: TorchScript cannot read a module global (this branch exists only there)
     else:
-        short = CPU_SHORT_TOKENS
-    if q.device.type == "cpu" and max(q.shape[-2], k.shape[-2]) <= short:
+        short, written_out = CPU_SHORT_TOKENS, _WRITTEN_OUT[0]
+    if written_out or (q.device.type == "cpu" and max(q.shape[-2], k.shape[-2]) <= short):
         return _short_cpu_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 

@@ -90,8 +90,11 @@ def stride_gradients(task: nn.Module, batch: dict, stride_size: int = 1, chunk_s
         losses = functional_call(wrapper, (p, frozen, buffers), (stride,)).float()
         return (losses * w).sum(), losses
 
-    grads, losses = vmap(grad_and_value(loss_of_stride, has_aux=True), in_dims=(None, 0, 0), randomness="different",
-                         chunk_size=chunk_size)(params, samples, weight.view(strides, stride_size))
+    from ..models.blocks import written_out_attention
+
+    with written_out_attention():  # vmap has no batching rule for SDPA's fused CPU kernel (a slow loop, and a warning)
+        grads, losses = vmap(grad_and_value(loss_of_stride, has_aux=True), in_dims=(None, 0, 0), randomness="different",
+                             chunk_size=chunk_size)(params, samples, weight.view(strides, stride_size))
     counts = weight.view(strides, stride_size).sum(1)
     prefix = len("task.")
     return losses[1].detach().flatten()[:size], {n[prefix:]: g for n, g in grads.items()}, counts

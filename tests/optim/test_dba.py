@@ -61,6 +61,28 @@ def test_per_sample_gradients_equal_a_loop_of_single_sample_backward_passes(spat
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_per_sample_gradients_of_long_token_sequences_stay_exact_and_quiet(spatial_dims):
+    """Above CPU_SHORT_TOKENS attention is SDPA, which vmap can only run by a slow fallback loop that warns on every
+    call; per-sample gradients use the written-out attention there (AdrenalMNIST3D at 28^3 / patch 4 has 343 tokens)."""
+    import warnings
+
+    from medssl.models.blocks import CPU_SHORT_TOKENS
+
+    task = _vit_task(spatial_dims)
+    size = 64 if spatial_dims == 2 else 28
+    assert (size // 4) ** spatial_dims > CPU_SHORT_TOKENS
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(2, 1, *[size] * spatial_dims, generator=g), "label": torch.tensor([0, 2])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's "There is a performance drop ..." would fail here
+        _, grads = per_sample_gradients(task, batch)
+    loop = _loop_gradients(task, batch)
+    for name, _ in task.named_parameters():
+        for i in range(2):
+            torch.testing.assert_close(grads[name][i], loop[i][name], atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_stride_gradients_sum_their_samples_and_the_short_last_stride_is_padded_with_nothing(spatial_dims):
     task, batch = _vit_task(spatial_dims), _batch(spatial_dims, n=7)
     _, per_sample = per_sample_gradients(task, batch)
