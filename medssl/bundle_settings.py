@@ -36,6 +36,7 @@ _CODE_PREFIXES = ("$", "@", "%")
 _SPECIAL_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
 # "None" is what fire turns into Python None (then dropped); "null" arrives as text. ("none" is plain text: cache: none.)
 _NULL_TEXTS = ("None", "null", "Null", "NULL")
+_FALSE_TEXTS = ("false", "no", "off")  # fire reads False (and 0) as values, these as strings: truthy
 
 
 def load_config(config_files: str | os.PathLike | Iterable) -> dict:
@@ -152,6 +153,10 @@ def guard_monai_runner(argv: list[str] | None = None) -> None:
     for key, value in pairs.items():
         if key in RUNNER_ARGS:
             continue
+        if value is not None and isinstance(defaults.get(key), bool) and value.strip() != "False" \
+                and value.strip().lower() in _FALSE_TEXTS:
+            raise ValueError(f"--{key} {value}: MONAI's runner passes {value.strip()} as the text {value.strip()!r}, which "
+                             f"Python reads as true, so the bundle would run with {key} on; write --{key} False")
         if value is not None and value.strip() in _NULL_TEXTS:
             spelled = NULL_SPELLINGS.get(key)
             hint = (f"write --{key} {spelled}" if spelled else

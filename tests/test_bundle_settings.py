@@ -113,6 +113,21 @@ def test_monai_runner_refuses_a_null_it_would_drop(tmp_path, spelling):
     assert not (tmp_path / "run" / "models").exists()
 
 
+@pytest.mark.parametrize("spelling", ["false", "no"])
+def test_monai_runner_refuses_a_false_it_would_read_as_true(tmp_path, spelling, monkeypatch):
+    """Fire parses `False` as a bool but `false` as the text 'false', which is truthy: `--resume false` resumed."""
+    done = _monai_run(tmp_path, "--resume", spelling, "--output_dir", str(tmp_path / "run"))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert f"--resume {spelling}" in line and "write --resume False" in line
+    assert not (tmp_path / "run" / "models").exists()
+    from medssl.bundle_settings import guard_monai_runner
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the guard installs its one-line hook; restored after
+    config = str(bundle_root("mae_ct_3d") / "configs" / "train.yaml")
+    guard_monai_runner(["/x/monai/bundle/__main__.py", "run", "--config_file", config, "--resume", "False"])  # fire's bool: fine
+
+
 def test_monai_runner_trains_global_with_0_and_refuses_typos_in_one_line(tmp_path, phantoms):
     settings = ["--dataset_dir", str(phantoms / "ct_dicom"), "--output_dir", str(tmp_path / "run"), "--vit_size", "micro",
                 "--image_size", "16", "--patch_size", "4", "--batch_size", "2", "--cache", "none", "--max_epochs", "1"]

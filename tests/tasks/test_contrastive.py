@@ -234,6 +234,7 @@ def _two_rank_losses(rank, world, init_file, z1, z2, out_dir):
         loss = loss_fn(a, b)
         loss.backward()
         out[name] = (loss.detach(), a.grad, b.grad)
+    out["sinkhorn"] = sinkhorn(z1[share] @ z2.T, epsilon=0.05, iterations=3)  # each rank's rows of the global codes
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -244,6 +245,9 @@ def test_two_view_losses_under_ddp_are_the_global_batch_losses(tmp_path):
     z1, z2 = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
     torch.multiprocessing.spawn(_two_rank_losses, args=(2, tmp_path / "init", z1, z2, tmp_path), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # Sinkhorn's sums run over both ranks (log domain: a max and a sum all-reduced), so the codes are the global batch's
+    torch.testing.assert_close(torch.cat([r["sinkhorn"] for r in ranks]), sinkhorn(z1 @ z2.T, epsilon=0.05, iterations=3),
+                               rtol=1e-5, atol=1e-6)
     barlow = BarlowTwinsTask(ViT(2, patch_size=4, size="micro"), hidden_dim=8, out_dim=8)
     for name, loss_fn, rank_loss in (("nt_xent", nt_xent, lambda ls: sum(ls) / 2), ("barlow", barlow.loss, lambda ls: ls[0])):
         a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
