@@ -133,7 +133,6 @@ def train_classifier(task: ClassificationTask, train_x: torch.Tensor, train_y: t
     from ..engine.lr_schedule import WarmupCosine
     from ..engine.trainer import PretrainTrainer
     from ..optim import build_optimizer
-
     from ..tasks.classify import CLASS_WEIGHTS, balanced_class_weights
 
     if class_weight not in CLASS_WEIGHTS:

@@ -47,7 +47,6 @@ class ClassificationTask(Task):
             with a CLS token, else ``mean``); None when the backbone returns logits itself.
         feature_dim: width of the pooled vector (default the encoder's ``embed_dim``; give it for
             ``flatten``, whose width depends on the grid).
-
         class_weights: one loss weight per class (:func:`balanced_class_weights` for the inverse
             class frequency); the loss is the batch mean of ``weight[label] * cross-entropy``, so
             weights averaging 1 over the training set keep its scale. None: plain cross-entropy.
@@ -82,8 +81,7 @@ class ClassificationTask(Task):
         weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
         if weights.numel() != self.num_classes or not bool((weights >= 0).all()) or not bool(torch.isfinite(weights).all()):
             raise ValueError(f"class_weights must be {self.num_classes} finite numbers >= 0, got {weights.tolist()}")
-        device = self.head.weight.device if isinstance(self.head, nn.Linear) else None
-        self.class_weights = weights.to(device)
+        self.class_weights = weights.to(next(self.parameters()).device)
 
     def _weighted(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-item ``loss`` times its class weight (unlabelled items, ``y = -1``, keep their 0)."""
