@@ -177,10 +177,7 @@ class ViT(nn.Module):
     def _windows(self, grid: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(order, window_of, slot_of, n_windows)`` of :meth:`layout` (a windowed model only)."""
         if torch.jit.is_scripting():
-            order, window_of, slot_of = window_indices(grid, self._window)
-            n_windows = 1
-            for g, w in zip(grid, self._window):
-                n_windows *= (g + min(w, g) - 1) // min(w, g)
+            order, window_of, slot_of, n_windows = window_indices(grid, self._window)
             return order.to(device), window_of.to(device), slot_of.to(device), n_windows
         else:
             layout = self.layout(grid, device)

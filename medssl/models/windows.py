@@ -19,8 +19,8 @@ import torch
 __all__ = ["WindowLayout", "window_indices"]
 
 
-def window_indices(grid: list[int], window: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(order, window_of, slot_of)`` of :class:`WindowLayout` for ``grid`` and ``window`` (per axis).
+def window_indices(grid: list[int], window: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(order, window_of, slot_of, n_windows)`` of :class:`WindowLayout` for ``grid`` and ``window`` (per axis).
 
     Written with tensor arithmetic on the window-major slot index (window index major, position in
     the window minor, both in C order), so TorchScript compiles it and a scripted encoder builds
@@ -53,7 +53,7 @@ def window_indices(grid: list[int], window: list[int]) -> tuple[torch.Tensor, to
     window_of[raster[valid]] = window_index[valid]
     slot_of = torch.empty(n_tokens, dtype=torch.long)  # inverse of ``order``
     slot_of[raster[valid]] = slot[valid]
-    return order, window_of, slot_of
+    return order, window_of, slot_of, n_windows
 
 
 class WindowLayout:
@@ -72,9 +72,8 @@ class WindowLayout:
             raise ValueError(f"window {tuple(window)} and grid {tuple(grid)} differ in dimensionality")
         self.grid = tuple(int(g) for g in grid)
         self.window = tuple(min(int(w), g) for w, g in zip(window, self.grid))
-        self.n_windows = math.prod(math.ceil(g / w) for g, w in zip(self.grid, self.window))
         self.tokens_per_window = math.prod(self.window)
-        self.order, self.window_of, self.slot_of = window_indices(list(self.grid), list(self.window))
+        self.order, self.window_of, self.slot_of, self.n_windows = window_indices(list(self.grid), list(self.window))
 
     def to(self, device: torch.device | str) -> WindowLayout:
         """Move the index tensors to ``device`` (in place; returns self)."""

@@ -83,8 +83,9 @@ def test_the_scripted_window_layout_and_positions_are_the_eager_ones(grid, windo
     layout = WindowLayout(grid, window)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        order, window_of, slot_of = torch.jit.script(window_indices)(list(grid), list(window))
+        order, window_of, slot_of, n_windows = torch.jit.script(window_indices)(list(grid), list(window))
         pos = torch.jit.script(sincos_position_embedding)(list(grid), 24, 10000.0, None, torch.float32)
+    assert n_windows == layout.n_windows
     assert torch.equal(order, layout.order) and torch.equal(window_of, layout.window_of) and torch.equal(slot_of, layout.slot_of)
     assert torch.equal(layout.order[layout.slot_of], torch.arange(len(layout.slot_of)))  # slot_of inverts order
     torch.testing.assert_close(pos, sincos_position_embedding(grid, 24), atol=0, rtol=0)
