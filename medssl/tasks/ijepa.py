@@ -13,7 +13,12 @@ pixel-level detail (MAE's reconstruction) nor for invariance to hand-made augmen
 - Target encoder = an EMA copy of the backbone (:mod:`medssl.tasks.ema`) on the whole image; its
   tokens are layer-normalised (as the reference does) and read at the target positions.
 - Predictor: :class:`~medssl.tasks.heads.JEPAPredictor` (narrow, ``predictor_depth`` blocks).
-- Loss: mean squared error over the valid target slots, averaged over the ``M`` blocks.
+- Loss: the reference's smooth L1 (``loss="smooth_l1"``) or the squared error (``"mse"``) over the
+  valid target slots, averaged over the ``M`` blocks.
+- Optional spread terms (C-JEPA, Mo & Tong 2024): VICReg's variance and covariance of the images'
+  mean context embeddings (:mod:`medssl.tasks.spread`), weighted ``variance_weight`` and
+  ``covariance_weight`` (0: I-JEPA as published). Short budgets need them: without, the encoder's
+  embeddings lose dimensions faster than the EMA target's asymmetry can hold them up.
 """
 
 from __future__ import annotations
@@ -27,13 +32,22 @@ from .base import Task, register_task
 from .ema import frozen_copy
 from .heads import JEPAPredictor
 from .masking import mask_to_keep
+from .spread import variance_covariance
 
 __all__ = ["IJEPATask", "jepa_loss"]
 
 
-def jepa_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the feature dimension, averaged over the ``valid`` ``(..., L)`` slots."""
-    err = (prediction.float() - target.float().detach()).pow(2).mean(-1)
+LOSSES = ("smooth_l1", "mse")
+
+
+def jepa_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
+    """Per-slot ``kind`` error (smooth L1 with beta 1, or squared), mean over the feature dimension,
+    averaged over the ``valid`` ``(..., L)`` slots."""
+    if kind not in LOSSES:
+        raise ValueError(f"I-JEPA loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+    diff = prediction.float() - target.float().detach()
+    err = diff.pow(2) if kind == "mse" else F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none")
+    err = err.mean(-1)
     return (err * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -44,21 +58,30 @@ class IJEPATask(Task):
     Args:
         predictor_dim, predictor_depth, predictor_heads: the predictor (default: half the encoder's width, 2 blocks).
         momentum: target EMA momentum at the start, cosine to 1 (the reference's 0.996).
+        loss: ``"smooth_l1"`` (the reference's) or ``"mse"``.
+        variance_weight, covariance_weight: C-JEPA's spread terms on the images' mean context
+            embeddings (module docstring); 0 leaves them out.
     """
 
     required_keys = ("image", "jepa_context", "jepa_targets")
 
     def __init__(self, backbone: nn.Module, predictor_dim: int | None = None, predictor_depth: int = 2,
-                 predictor_heads: int | None = None, momentum: float = 0.996, context_key: str = "jepa_context",
+                 predictor_heads: int | None = None, momentum: float = 0.996, loss: str = "smooth_l1",
+                 variance_weight: float = 0.0, covariance_weight: float = 0.0, context_key: str = "jepa_context",
                  targets_key: str = "jepa_targets") -> None:
         super().__init__(backbone)
         if not isinstance(backbone, GridEncoder):
             raise TypeError(f"I-JEPA masks tokens of a grid: {type(backbone).__name__} is not a GridEncoder")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+        if loss not in LOSSES:
+            raise ValueError(f"I-JEPA loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if variance_weight < 0 or covariance_weight < 0:
+            raise ValueError(f"variance_weight and covariance_weight must be >= 0, got {variance_weight}, {covariance_weight}")
         self.predictor = JEPAPredictor(backbone.embed_dim, predictor_dim, predictor_depth, predictor_heads)
         self.target = frozen_copy(backbone)
         self.momentum, self.context_key, self.targets_key = momentum, context_key, targets_key
+        self.loss, self.variance_weight, self.covariance_weight = loss, variance_weight, covariance_weight
         self.required_keys = ("image", context_key, targets_key)
 
     def train(self, mode: bool = True):
@@ -86,11 +109,18 @@ class IJEPATask(Task):
         lt = index.shape[-1]
         target = h.gather(1, index.reshape(b, m * lt).clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1])).reshape(b, m, lt, -1)
         prediction = self.predictor(z, keep, index, grid)
-        loss = jepa_loss(prediction, target, (index >= 0).float())
+        prediction_loss = jepa_loss(prediction, target, (index >= 0).float(), self.loss)
+        out = {"loss": prediction_loss}
+        if self.variance_weight or self.covariance_weight:
+            seen = (keep >= 0).unsqueeze(-1).to(z.dtype)
+            pooled = (z * seen).sum(1) / seen.sum(1).clamp_min(1)  # (B, D): each image's mean context embedding
+            variance, covariance = variance_covariance(pooled)
+            out.update(loss=prediction_loss + self.variance_weight * variance + self.covariance_weight * covariance,
+                       prediction_loss=prediction_loss.detach(), variance=variance.detach(), covariance=covariance.detach())
         with torch.no_grad():
             valid = index >= 0
             cosine = F.cosine_similarity(prediction.float(), target, dim=-1)[valid].mean()
-        return {"loss": loss, "prediction_cosine": cosine, "context_share": context.float().mean()}
+        return {**out, "prediction_cosine": cosine, "context_share": context.float().mean()}
 
     def teachers(self):
         return [(self.target, self.backbone)]

@@ -71,10 +71,14 @@ def test_context_slots_are_grouped_by_window_and_the_windowed_vit_takes_them(spa
 
 
 def test_jepa_loss_by_hand():
-    pred = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    pred = torch.tensor([[[1.0, 3.0], [0.0, 0.0]]])
     target = torch.tensor([[[0.0, 1.0], [5.0, 5.0]]])
     valid = torch.tensor([[1.0, 0.0]])  # the second slot is padding
-    assert jepa_loss(pred, target, valid).item() == pytest.approx(0.5)  # (1^2 + 0^2) / 2 features, one slot
+    assert jepa_loss(pred, target, valid, "mse").item() == pytest.approx(2.5)  # (1^2 + 2^2) / 2 features, one slot
+    # smooth L1 (beta 1): 0.5 * 1^2 for |1| <= 1, |2| - 0.5 beyond; the reference's default
+    assert jepa_loss(pred, target, valid).item() == pytest.approx((0.5 + 1.5) / 2)
+    with pytest.raises(ValueError, match="smooth_l1, mse"):
+        jepa_loss(pred, target, valid, "l2")
 
 
 def test_ijepa_trains_the_context_encoder_and_the_predictor_not_the_target():
