@@ -11,7 +11,13 @@ pixel-level detail (MAE's reconstruction) nor for invariance to hand-made augmen
 - Context encoder = the shared backbone on the context tokens only (slots grouped by attention
   window, :func:`~medssl.tasks.masking.mask_to_keep`, so the ViTDet windows work as for MAE).
 - Target encoder = an EMA copy of the backbone (:mod:`medssl.tasks.ema`) on the whole image; its
-  tokens are layer-normalised (as the reference does) and read at the target positions.
+  tokens are normalised and read at the target positions. ``target_norm="layer"`` is the
+  reference's layer norm per token. ``"instance"`` first standardises each feature over the
+  image's tokens (data2vec's instance norm), then layer-normalises: a fresh ViT's tokens share
+  one dominant direction (mean pairwise cosine 0.97 after layer norm alone, on PneumoniaMNIST,
+  ViT-Tiny), so the reference's targets start almost constant and the predictor can match them
+  without looking at the context (prediction cosine 0.9995 after 3 epochs); instance norm removes
+  the shared part (cosine 0.006).
 - Predictor: :class:`~medssl.tasks.heads.JEPAPredictor` (narrow, ``predictor_depth`` blocks).
 - Loss: the reference's smooth L1 (``loss="smooth_l1"``) or the squared error (``"mse"``) over the
   valid target slots, averaged over the ``M`` blocks.
@@ -38,6 +44,17 @@ __all__ = ["IJEPATask", "jepa_loss"]
 
 
 LOSSES = ("smooth_l1", "mse")
+TARGET_NORMS = ("layer", "instance")
+
+
+def normalise_targets(h: torch.Tensor, kind: str = "layer") -> torch.Tensor:
+    """Target tokens ``(B, N, D)``: layer norm per token (``"layer"``), after standardising every
+    feature over each image's tokens with ``"instance"`` (module docstring)."""
+    if kind not in TARGET_NORMS:
+        raise ValueError(f"I-JEPA target_norm must be one of {', '.join(TARGET_NORMS)}, got {kind!r}")
+    if kind == "instance":
+        h = F.instance_norm(h.transpose(1, 2)).transpose(1, 2)
+    return F.layer_norm(h, h.shape[-1:])
 
 
 def jepa_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
@@ -59,6 +76,7 @@ class IJEPATask(Task):
         predictor_dim, predictor_depth, predictor_heads: the predictor (default: half the encoder's width, 2 blocks).
         momentum: target EMA momentum at the start, cosine to 1 (the reference's 0.996).
         loss: ``"smooth_l1"`` (the reference's) or ``"mse"``.
+        target_norm: ``"layer"`` (the reference's) or ``"instance"`` (module docstring).
         variance_weight, covariance_weight: C-JEPA's spread terms on the images' mean context
             embeddings (module docstring); 0 leaves them out.
     """
@@ -67,8 +85,8 @@ class IJEPATask(Task):
 
     def __init__(self, backbone: nn.Module, predictor_dim: int | None = None, predictor_depth: int = 2,
                  predictor_heads: int | None = None, momentum: float = 0.996, loss: str = "smooth_l1",
-                 variance_weight: float = 0.0, covariance_weight: float = 0.0, context_key: str = "jepa_context",
-                 targets_key: str = "jepa_targets") -> None:
+                 target_norm: str = "layer", variance_weight: float = 0.0, covariance_weight: float = 0.0,
+                 context_key: str = "jepa_context", targets_key: str = "jepa_targets") -> None:
         super().__init__(backbone)
         if not isinstance(backbone, GridEncoder):
             raise TypeError(f"I-JEPA masks tokens of a grid: {type(backbone).__name__} is not a GridEncoder")
@@ -76,11 +94,14 @@ class IJEPATask(Task):
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
         if loss not in LOSSES:
             raise ValueError(f"I-JEPA loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(f"I-JEPA target_norm must be one of {', '.join(TARGET_NORMS)}, got {target_norm!r}")
         if variance_weight < 0 or covariance_weight < 0:
             raise ValueError(f"variance_weight and covariance_weight must be >= 0, got {variance_weight}, {covariance_weight}")
         self.predictor = JEPAPredictor(backbone.embed_dim, predictor_dim, predictor_depth, predictor_heads)
         self.target = frozen_copy(backbone)
         self.momentum, self.context_key, self.targets_key = momentum, context_key, targets_key
+        self.target_norm = target_norm
         self.loss, self.variance_weight, self.covariance_weight = loss, variance_weight, covariance_weight
         self.required_keys = ("image", context_key, targets_key)
 
@@ -103,7 +124,7 @@ class IJEPATask(Task):
         z = self.encode(batch, x, keep)[:, p:]
         with torch.no_grad():
             h = self.encode(batch, x, encoder=self.target)[:, p:].float()  # (B, N, D) raster
-            h = F.layer_norm(h, h.shape[-1:])
+            h = normalise_targets(h, self.target_norm)
         b, m = targets.shape[:2]
         index = mask_to_keep(targets.reshape(b * m, n)).reshape(b, m, -1)  # (B, M, Lt) raster, -1 padded
         lt = index.shape[-1]

@@ -97,3 +97,28 @@ def test_ijepa_trains_the_context_encoder_and_the_predictor_not_the_target():
     assert vit.patch_embed.weight.grad is not None and task.predictor.mask_token.grad is not None
     with pytest.raises(TypeError, match="not a GridEncoder"):
         IJEPATask(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_ijepa_spread_terms_join_the_loss_and_reach_the_encoder(spatial_dims):
+    torch.manual_seed(0)
+    vit = ViT(spatial_dims, 1, patch_size=4, size="micro")
+    masker = jepa_blocks(patch_size=4, n_targets=2, target_scale=(0.1, 0.2))
+    masker.set_random_state(seed=1)
+    items = [masker({"image": torch.rand(1, *[16] * spatial_dims)}) for _ in range(4)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    plain = IJEPATask(vit, predictor_dim=16, predictor_depth=1)
+    spread = IJEPATask(vit, predictor_dim=16, predictor_depth=1, variance_weight=2.0, covariance_weight=0.5)
+    spread.predictor.load_state_dict(plain.predictor.state_dict())
+    assert "variance" not in plain(batch)
+    out = spread(batch)
+    expected = out["prediction_loss"] + 2.0 * out["variance"] + 0.5 * out["covariance"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["prediction_loss"].item() == pytest.approx(plain(batch)["loss"].item(), rel=1e-5)
+    assert out["variance"] > 0.5  # a fresh micro ViT's images are all alike
+    out["loss"].backward()
+    assert vit.patch_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="must be >= 0"):
+        IJEPATask(vit, variance_weight=-1.0)
+    with pytest.raises(ValueError, match="smooth_l1, mse"):
+        IJEPATask(vit, loss="l1")
