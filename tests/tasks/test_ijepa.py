@@ -11,7 +11,7 @@ import torch
 from medssl.data.block_masks import RandBlockMasksd, block_edges, jepa_blocks
 from medssl.models import ViT
 from medssl.tasks import IJEPATask
-from medssl.tasks.ijepa import jepa_loss
+from medssl.tasks.ijepa import jepa_loss, normalise_targets
 from medssl.tasks.masking import mask_to_keep
 
 
@@ -122,3 +122,34 @@ def test_ijepa_spread_terms_join_the_loss_and_reach_the_encoder(spatial_dims):
         IJEPATask(vit, variance_weight=-1.0)
     with pytest.raises(ValueError, match="smooth_l1, mse"):
         IJEPATask(vit, loss="l1")
+
+
+def test_instance_target_norm_removes_what_all_tokens_share():
+    torch.manual_seed(0)
+    shared = 5 * torch.randn(1, 1, 32)  # one direction every token carries, as in a fresh ViT
+    h = shared + 0.3 * torch.randn(2, 20, 32)
+
+    def mean_cosine(t):
+        t = torch.nn.functional.normalize(t.reshape(-1, 32), dim=-1)
+        c = t @ t.T
+        return c[~torch.eye(len(c), dtype=torch.bool)].mean().item()
+
+    layer, instance = normalise_targets(h, "layer"), normalise_targets(h, "instance")
+    assert mean_cosine(layer) > 0.9 and abs(mean_cosine(instance)) < 0.1
+    assert layer.mean(-1).abs().max() < 1e-5 and instance.mean(-1).abs().max() < 1e-5  # both end layer-normed
+    with pytest.raises(ValueError, match="layer, instance, batch"):
+        normalise_targets(h, "group")
+
+
+def test_batch_target_norm_removes_what_the_position_alone_predicts():
+    torch.manual_seed(0)
+    by_position = 5 * torch.randn(1, 20, 32)  # what every image has at each position (sincos embeddings)
+    h = by_position + 0.3 * torch.randn(16, 20, 32)
+    instance, batch = normalise_targets(h, "instance"), normalise_targets(h, "batch")
+
+    def position_share(t):  # share of the targets' variance in the per-position mean over images
+        return (t.mean(0).var(0).sum() / t.var(dim=(0, 1)).sum()).item()
+
+    assert position_share(instance) > 0.9 and position_share(batch) < 0.1
+    with pytest.raises(ValueError, match="at least 2 images"):
+        normalise_targets(h[:1], "batch")
