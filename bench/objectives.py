@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -221,6 +222,7 @@ def main() -> None:
     if args.markdown:
         command = (f"python bench/objectives.py --data {args.data} --out {args.out} --minutes {args.minutes:g}"
                    + (f" --objectives {args.objectives}" if args.objectives != ",".join(OBJECTIVES) else "")
+                   + "".join(f" --set {shlex.quote(pair)}" for pair in args.set or [])
                    + (f" --image {args.image}" if args.image else "") + (f" --block {args.block}" if args.block else "")
                    + f" --markdown {args.markdown}")
         write_block(args.markdown, args.block or f"objectives_{name}", command, text)
