@@ -11,6 +11,9 @@ IoU >= 0.5 in 2D, >= 0.4 in 3D, and at least twice the constant predictor's.
 
     python bench/box_localisation.py --run runs/obj15_pneumonia/box/pretrain \\
         --data ../shared/data/medmnist/pneumoniamnist_28_trainval.npz
+
+Without ``--run``, only the constant-box figures, for the box views ``mae_dino_ct_3d`` would make
+of this data with its defaults: how hard the task is before anything is trained.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _items(dataset, views, seed: int, limit: int | None = None) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="pretraining run folder (holds run.json and models/)")
+    p.add_argument("--run", help="pretraining run folder (holds run.json and models/); without: the constant box only")
     p.add_argument("--data", required=True, help="the MedMNIST .npz it pretrained on (its val split is scored)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-sample", type=int, default=2000, help="training images whose boxes give the mean box")
@@ -60,29 +63,38 @@ def main() -> None:
     from medssl.tasks.box_matching import centre_size_to_corners, corners_to_centre_size
     from monai.data.box_utils import box_iou
 
-    run = Path(args.run).resolve()
-    bundle, overrides = read_run_record(run / "run.json")
+    if args.run:
+        run = Path(args.run).resolve()
+        bundle, overrides = read_run_record(run / "run.json")
+    else:
+        from medssl.bundles import data_overrides
+
+        run, bundle, overrides = None, "mae_dino_ct_3d", {**data_overrides(args.data), "task_names": ["box"]}
     parser = bundle_parser(bundle, {**overrides, "device": "$torch.device('cpu')", "cache": "none"})
     multitask = parser.get_parsed_content("multitask", lazy=False)
     names = list(multitask.names)
     if "box" not in names:
         raise SystemExit(f"{run} did not train the box task (tasks: {names})")
-    ckpt = latest_checkpoint(run / "models")
-    multitask.load_state_dict(load_checkpoint(ckpt, map_location="cpu")["network"])
-    task = multitask.tasks["box"].eval()
     views = _views_of(parser, names.index("box"))
     preprocessing = parser.get_parsed_content("train#preprocessing", lazy=False)
     dims = parser.get_parsed_content("spatial_dims")
 
     val = build_dataset(load_source(args.data, spatial_dims=dims, split="val"), preprocessing)
     val_items = _items(val, views, args.seed + 1)
-    ious = []
-    with torch.no_grad():
-        for i in range(0, len(val_items), args.batch_size):
-            batch = collate_fields(val_items[i:i + args.batch_size])
-            ious.append(task.localise(batch)["iou"])
-    iou = torch.cat(ious)
-    if args.picture:
+    result = {"run": str(run) if run else None, "val_images": len(val)}
+    if run:
+        ckpt = latest_checkpoint(run / "models")
+        multitask.load_state_dict(load_checkpoint(ckpt, map_location="cpu")["network"])
+        task = multitask.tasks["box"].eval()
+        ious = []
+        with torch.no_grad():
+            for i in range(0, len(val_items), args.batch_size):
+                batch = collate_fields(val_items[i:i + args.batch_size])
+                ious.append(task.localise(batch)["iou"])
+        iou = torch.cat(ious)
+        result.update(checkpoint=ckpt.name, val_boxes=len(iou), mean_iou=float(iou.mean()),
+                      iou_above_half=float((iou > 0.5).float().mean()))
+    if run and args.picture:
         from medssl.viz.panels import write_panels
 
         with torch.no_grad():
@@ -98,13 +110,14 @@ def main() -> None:
     constant_iou = box_iou(constant, val_boxes)[0]
 
     target = 0.5 if dims == 2 else 0.4
-    result = {"run": str(run), "checkpoint": ckpt.name, "val_images": len(val), "val_boxes": len(iou),
-              "mean_iou": float(iou.mean()), "iou_above_half": float((iou > 0.5).float().mean()),
-              "constant_mean_iou": float(constant_iou.mean()), "constant_iou_above_half": float((constant_iou > 0.5).float().mean()),
-              "target_iou": target}
-    result["met"] = result["mean_iou"] >= target and result["mean_iou"] >= 2 * result["constant_mean_iou"]
+    result.update(constant_mean_iou=float(constant_iou.mean()), constant_iou_above_half=float((constant_iou > 0.5).float().mean()),
+                  mean_box_edges=[round(float(e), 2) for e in (val_boxes[:, dims:] - val_boxes[:, :dims]).mean(0)],
+                  target_iou=target)
+    if run:
+        result["met"] = result["mean_iou"] >= target and result["mean_iou"] >= 2 * result["constant_mean_iou"]
     print(json.dumps(result, indent=1))
-    (run / "box_localisation.json").write_text(json.dumps(result, indent=1) + "\n")
+    if run:
+        (run / "box_localisation.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

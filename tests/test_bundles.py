@@ -316,6 +316,26 @@ def test_the_remaining_ssl_families_train_through_their_bundles(name, extra, pic
     assert (out / "models" / "model.pt").is_file() and (out / "pictures" / f"{picture}_final.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("settings,spread", [([], True), (["--ijepa_variance_weight", "0.0", "--ijepa_covariance_weight", "0.0",
+                                                                 "--ijepa_target_norm", "layer"], False)])
+def test_ijepa_settings_reach_the_task_through_monai_bundle_run(settings, spread, phantoms, tmp_path):
+    """The user's path: I-JEPA's short-budget recipe (C-JEPA's spread terms, on by default) is logged when on, and a
+    command-line 0 turns it off (the reference I-JEPA)."""
+    import subprocess
+    import sys
+
+    configs = bundle_root("mae_xray_2d") / "configs"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "train.yaml"), "--method", "ijepa",
+           "--dataset_dir", str(phantoms / "xray"), "--output_dir", str(tmp_path / "run"), "--max_epochs", "1", *settings]
+    for k, v in TINY["mae_xray_2d"].items():
+        cmd += [f"--{k}", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = [line for line in (out.stdout + out.stderr).splitlines() if "epoch 1/1" in line]
+    assert summary and "prediction_cosine" in summary[-1], summary
+    assert (" variance " in summary[-1] and " covariance " in summary[-1]) == spread, summary[-1]
+
+
 _MEDFORMER = ["--embed_dim", "32", "--num_heads", "2", "--depth", "1", "--num_latents", "4", "--latents_per_entry", "2",
               "--patch_size", "4"]
 
