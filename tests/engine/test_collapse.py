@@ -80,6 +80,16 @@ def test_a_uniform_teacher_is_called_a_plateau(caplog):
     assert monitor.last["teacher_entropy"] == pytest.approx(0.999) and "the teacher is uniform" in caplog.text
 
 
+@pytest.mark.parametrize("cosine,warned", [(0.9995, True), (0.8, False)])
+def test_targets_predicted_without_context_are_called_trivial(cosine, warned, caplog):
+    images = torch.rand(4, 1, 16, 16)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="medssl.train"):
+        monitor, _ = _run(_Holder(ViT(2, 1, patch_size=4, size="micro")), images, {"prediction_cosine": torch.tensor(cosine)})
+    assert monitor.last["prediction_cosine"] == pytest.approx(cosine)
+    assert ("the targets are almost constant" in caplog.text) == warned
+
+
 def test_a_falling_effective_rank_is_called_dimensional_collapse(caplog):
     """Epoch 1: 16 images spread over 8 directions; epoch 2: the same images squeezed onto 2 of them."""
     g = torch.Generator().manual_seed(0)
