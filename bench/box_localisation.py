@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--picture", help="also draw the first 4 val images' boxes (true red, predicted blue) into this PNG")
     args = p.parse_args()
+    if args.picture and not args.run:
+        p.error("--picture draws a run's predictions: give --run")
 
     from medssl.bundles import bundle_parser
     from medssl.data.dataset import build_dataset, load_source
@@ -94,7 +96,7 @@ def main() -> None:
         iou = torch.cat(ious)
         result.update(checkpoint=ckpt.name, val_boxes=len(iou), mean_iou=float(iou.mean()),
                       iou_above_half=float((iou > 0.5).float().mean()))
-    if run and args.picture:
+    if args.picture:
         from medssl.viz.panels import write_panels
 
         with torch.no_grad():
@@ -115,9 +117,8 @@ def main() -> None:
                   target_iou=target)
     if run:
         result["met"] = result["mean_iou"] >= target and result["mean_iou"] >= 2 * result["constant_mean_iou"]
-    print(json.dumps(result, indent=1))
-    if run:
         (run / "box_localisation.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ LOSSES = ("smooth_l1", "mse")
 TARGET_NORMS = ("layer", "instance", "batch")
 
 
+def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"I-JEPA {name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def normalise_targets(h: torch.Tensor, kind: str = "layer") -> torch.Tensor:
     """Target tokens ``(B, N, D)``, layer-normalised per token after (module docstring):
 
@@ -59,8 +64,7 @@ def normalise_targets(h: torch.Tensor, kind: str = "layer") -> torch.Tensor:
     - ``"batch"``: every feature standardised over the batch at each position (all ranks' under
       DDP), so what the position alone predicts is taken out.
     """
-    if kind not in TARGET_NORMS:
-        raise ValueError(f"I-JEPA target_norm must be one of {', '.join(TARGET_NORMS)}, got {kind!r}")
+    _check_choice(kind, TARGET_NORMS, "target_norm")
     if kind == "instance":
         h = F.instance_norm(h.transpose(1, 2)).transpose(1, 2)
     elif kind == "batch":
@@ -75,8 +79,7 @@ def normalise_targets(h: torch.Tensor, kind: str = "layer") -> torch.Tensor:
 def jepa_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
     """Per-slot ``kind`` error (smooth L1 with beta 1, or squared), mean over the feature dimension,
     averaged over the ``valid`` ``(..., L)`` slots."""
-    if kind not in LOSSES:
-        raise ValueError(f"I-JEPA loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+    _check_choice(kind, LOSSES, "loss")
     diff = prediction.float() - target.float().detach()
     err = diff.pow(2) if kind == "mse" else F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none")
     err = err.mean(-1)
@@ -91,7 +94,7 @@ class IJEPATask(Task):
         predictor_dim, predictor_depth, predictor_heads: the predictor (default: half the encoder's width, 2 blocks).
         momentum: target EMA momentum at the start, cosine to 1 (the reference's 0.996).
         loss: ``"smooth_l1"`` (the reference's) or ``"mse"``.
-        target_norm: ``"layer"`` (the reference's) or ``"instance"`` (module docstring).
+        target_norm: ``"layer"`` (the reference's), ``"instance"`` or ``"batch"`` (:func:`normalise_targets`).
         variance_weight, covariance_weight: C-JEPA's spread terms on the images' mean context
             embeddings (module docstring); 0 leaves them out.
     """
@@ -107,17 +110,15 @@ class IJEPATask(Task):
             raise TypeError(f"I-JEPA masks tokens of a grid: {type(backbone).__name__} is not a GridEncoder")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-        if loss not in LOSSES:
-            raise ValueError(f"I-JEPA loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        if target_norm not in TARGET_NORMS:
-            raise ValueError(f"I-JEPA target_norm must be one of {', '.join(TARGET_NORMS)}, got {target_norm!r}")
+        _check_choice(loss, LOSSES, "loss")
+        _check_choice(target_norm, TARGET_NORMS, "target_norm")
         if variance_weight < 0 or covariance_weight < 0:
             raise ValueError(f"variance_weight and covariance_weight must be >= 0, got {variance_weight}, {covariance_weight}")
         self.predictor = JEPAPredictor(backbone.embed_dim, predictor_dim, predictor_depth, predictor_heads)
         self.target = frozen_copy(backbone)
         self.momentum, self.context_key, self.targets_key = momentum, context_key, targets_key
-        self.target_norm = target_norm
-        self.loss, self.variance_weight, self.covariance_weight = loss, variance_weight, covariance_weight
+        self.loss, self.target_norm = loss, target_norm
+        self.variance_weight, self.covariance_weight = variance_weight, covariance_weight
         self.required_keys = ("image", context_key, targets_key)
 
     def train(self, mode: bool = True):
