@@ -9,7 +9,7 @@ import torch
 from monai.losses import ContrastiveLoss
 
 from medssl.models import ViT
-from medssl.tasks import BarlowTwinsTask, BYOLTask, DINOTask, nt_xent
+from medssl.tasks import BarlowTwinsTask, BYOLTask, DINOTask, SwAVTask, nt_xent
 from medssl.tasks.byol import byol_loss
 from medssl.tasks.sinkhorn import sinkhorn
 from medssl.tasks.swav import swav_loss
@@ -259,3 +259,53 @@ def test_two_view_losses_under_ddp_are_the_global_batch_losses(tmp_path):
         for r, share in enumerate((slice(0, 4), slice(4, 8))):  # DDP divides the summed gradients by the world size
             torch.testing.assert_close(ranks[r][name][1] / 2, a.grad[share], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(ranks[r][name][2] / 2, b.grad[share], rtol=1e-4, atol=1e-6)
+
+
+def _swav(**kwargs):
+    torch.manual_seed(0)
+    return SwAVTask(ViT(2, patch_size=4, size="micro"), hidden_dim=16, out_dim=8, n_prototypes=6, **kwargs).train()
+
+
+def test_swav_queue_joins_the_partition_keeps_the_newest_and_waits_for_its_start():
+    task = _swav(queue_length=5, queue_start=0.5)
+    views = [torch.rand(3, 2, 1, 16, 16) for _ in range(3)]
+    task.step_start(0.2)
+    out = task({"views": views[0]})
+    assert task.queue is None and out["queue_filled"].item() == 0  # before queue_start: no queue, nothing kept
+    task.step_start(0.6)
+    task({"views": views[0]})
+    task({"views": views[1]})
+    assert task.queue.shape == (2, 5, 8) and task.queue_filled == 5  # 3 + 3 projections, the newest 5 kept
+    with torch.no_grad():  # the first global view's projections, computed as forward does (BatchNorm over both views)
+        z1, z0 = (task._project(None, v.transpose(0, 1).flatten(0, 1))[:3] for v in (views[1], views[0]))
+    torch.testing.assert_close(task.queue[0], torch.cat([z1, z0[:2]]), atol=1e-5, rtol=0)  # newest first
+    # the codes of the next batch are its rows of one Sinkhorn over batch + queue
+    queue = task.queue.clone()
+    prototypes = torch.nn.functional.normalize(task.prototypes.detach(), dim=-1)
+    with torch.no_grad():
+        z = list(task._project(None, views[2].transpose(0, 1).flatten(0, 1)).chunk(2))
+    scores = [zi @ prototypes.T for zi in z]
+    codes = task._codes(scores, z)
+    for i in range(2):
+        expected = sinkhorn(torch.cat([scores[i], queue[i] @ prototypes.T]), task.epsilon, task.iterations)[:3]
+        torch.testing.assert_close(codes[i], expected)
+        assert not torch.allclose(codes[i], sinkhorn(scores[i], task.epsilon, task.iterations), atol=1e-3)
+    with pytest.raises(ValueError, match="queue_length"):
+        _swav(queue_length=-1)
+
+
+def test_swav_queue_is_saved_resumed_and_not_a_buffer():
+    task = _swav(queue_length=4)
+    task.step_start(0.5)
+    task({"views": torch.rand(3, 2, 1, 16, 16)})
+    assert "queue" not in dict(task.named_buffers())  # DDP broadcasts buffers from rank 0; each rank keeps its own queue
+    state = task.state_dict()
+    resumed = _swav(queue_length=4)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed.queue, task.queue)
+    assert resumed.queue_filled == 3
+    views = torch.rand(3, 2, 1, 16, 16)
+    resumed.step_start(0.6)
+    task.step_start(0.6)
+    torch.testing.assert_close(resumed({"views": views})["loss"], task({"views": views})["loss"])
+    torch.testing.assert_close(resumed.queue, task.queue)
