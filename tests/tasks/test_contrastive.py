@@ -309,3 +309,24 @@ def test_swav_queue_is_saved_resumed_and_not_a_buffer():
     task.step_start(0.6)
     torch.testing.assert_close(resumed({"views": views})["loss"], task({"views": views})["loss"])
     torch.testing.assert_close(resumed.queue, task.queue)
+
+
+def _two_rank_swav_queue(rank, world, init_file, views, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    task = _swav(queue_length=8)  # 4 per rank
+    task.step_start(0.5)
+    ddp = torch.nn.parallel.DistributedDataParallel(task)  # broadcast_buffers: on, as the bundles run it
+    share = slice(rank * 2, rank * 2 + 2)
+    for step in range(2):
+        ddp({"views": views[step][share]})["loss"].backward()
+    torch.save({"queue": task.queue, "filled": task.queue_filled}, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_swav_queue_under_ddp_is_each_ranks_own(tmp_path):
+    views = [torch.rand(4, 2, 1, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    torch.multiprocessing.spawn(_two_rank_swav_queue, args=(2, tmp_path / "init", views, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["queue"].shape for r in ranks] == [(2, 4, 8)] * 2 and [r["filled"] for r in ranks] == [4, 4]
+    # the older half (step 1's projections) is each rank's own too: a buffer would hold rank 0's, broadcast by DDP at step 2
+    assert not torch.allclose(ranks[0]["queue"][:, 2:], ranks[1]["queue"][:, 2:], atol=1e-3)
