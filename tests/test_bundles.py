@@ -425,3 +425,28 @@ def test_medssl_evaluate_takes_one_data_set_of_a_medformer_run_with_set(tmp_path
     assert {r["method"] for r in records} == {"probe", "knn"}
     assert main([*args, "--set", "spatial_dimz=3"]) == 2
     assert "did you mean 'spatial_dims'" in capsys.readouterr().err
+
+
+def test_the_swav_queue_is_set_through_monai_bundle_run_and_saved_in_the_checkpoint(phantoms, tmp_path):
+    """The user's path for SwAV's queue: a nested command-line setting reaches the task, the epoch summary logs how full
+    the queue is, and the checkpoint a resumed run loads holds it."""
+    import subprocess
+    import sys
+
+    from medssl.engine.checkpoint import load_checkpoint
+
+    configs = bundle_root("simclr_xray_2d") / "configs"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "train.yaml"), "--method", "swav",
+           "--dataset_dir", str(phantoms / "xray"), "--output_dir", str(tmp_path / "run"), "--max_epochs", "1",
+           "--method_settings#swav#queue_length", "16"]
+    for k, v in TINY["simclr_xray_2d"].items():
+        if k != "method_settings":
+            cmd += [f"--{k}", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = [line for line in (out.stdout + out.stderr).splitlines() if "epoch 1/1" in line]
+    assert summary and "queue_filled" in summary[-1], summary
+    checkpoint = sorted((tmp_path / "run" / "models").glob("checkpoint_*.pt"))[-1]
+    state = load_checkpoint(checkpoint)
+    queues = [v for k, v in state["network"].items() if k.endswith("_extra_state") and v]
+    assert len(queues) == 1 and queues[0]["queue"].shape[1] == 16 and queues[0]["queue_filled"] > 0

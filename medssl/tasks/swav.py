@@ -109,6 +109,10 @@ class SwAVTask(Task):
     def set_extra_state(self, state: dict) -> None:
         self.queue, self.queue_filled = state.get("queue"), int(state.get("queue_filled", 0))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "_extra_state", {})  # a checkpoint from before the queue existed resumes strictly too
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         views = batch[self.views_key]
         n_global = views.shape[1]

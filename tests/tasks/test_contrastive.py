@@ -309,6 +309,10 @@ def test_swav_queue_is_saved_resumed_and_not_a_buffer():
     task.step_start(0.6)
     torch.testing.assert_close(resumed({"views": views})["loss"], task({"views": views})["loss"])
     torch.testing.assert_close(resumed.queue, task.queue)
+    older = {k: v for k, v in state.items() if not k.endswith("_extra_state")}  # saved before the queue was built
+    fresh = _swav(queue_length=4)
+    fresh.load_state_dict(older, strict=True)  # how a resumed run loads (ignite's load_objects)
+    assert fresh.queue is None
 
 
 def _two_rank_swav_queue(rank, world, init_file, views, out_dir):
