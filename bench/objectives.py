@@ -42,6 +42,7 @@ OBJECTIVES = {
     "mae": ("MAE", "mae_dino_ct_3d", {"task_names": ["mae"]}),
     "dino": ("DINO", "mae_dino_ct_3d", {"task_names": ["dino"]}),
     "simclr": ("SimCLR", "simclr_xray_2d", {"method": "simclr"}),
+    "simclr_drop": ("SimCLR, half the tokens", "simclr_xray_2d", {"method": "simclr", "token_drop": 0.5}),  # FLIP's dropping
     "barlow": ("Barlow Twins", "simclr_xray_2d", {"method": "barlow"}),
     "mae+dino": ("MAE+DINO", "mae_dino_ct_3d", {"task_names": ["mae", "dino"]}),
     # issue #15: query-box localisation alone and in the source document's mixes (same bundle, task_names)

@@ -55,6 +55,7 @@ def build(task: str, dims: int, size: int, patch: int):
         "mae": lambda: (MAETask(vit, mask_ratio=0.75), None),
         "dino": lambda: (DINOTask(vit, out_dim=4096), multi_crop(dims, size, local, n_local=4, modality="CT")),
         "simclr": lambda: (SimCLRTask(vit), two_views(dims, size, modality="CT")),
+        "simclr_drop": lambda: (SimCLRTask(vit, token_drop=0.5), two_views(dims, size, modality="CT")),
         "barlow": lambda: (BarlowTwinsTask(vit), two_views(dims, size, modality="CT")),
         "byol": lambda: (BYOLTask(vit), two_views(dims, size, modality="CT")),
         "swav": lambda: (SwAVTask(vit), two_views(dims, size, modality="CT")),

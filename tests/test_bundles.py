@@ -304,11 +304,14 @@ def test_smart_binning_and_embedding_every_split_through_monai_bundle_run(tmp_pa
 @pytest.mark.parametrize("name,extra,picture", [
     ("simclr_xray_2d", dict(method="byol", method_settings={"byol": {"hidden_dim": 32, "out_dim": 16, "momentum": 0.99}}), "byol"),
     ("simclr_xray_2d", dict(method="swav", method_settings={"swav": {"hidden_dim": 32, "out_dim": 16, "n_prototypes": 8}}), "swav"),
+    ("simclr_xray_2d", dict(method="swav", token_drop=0.5,
+                            method_settings={"swav": {"hidden_dim": 32, "out_dim": 16, "n_prototypes": 8}}), "swav"),
     ("mae_xray_2d", dict(method="ijepa", ijepa_targets=2), "ijepa"),
     ("mae_dino_ct_3d", dict(task_names=["mae", "ijepa"], loss_weights={"mae": 1.0, "ijepa": 1.0}), "ijepa"),
 ])
 def test_the_remaining_ssl_families_train_through_their_bundles(name, extra, picture, phantoms, tmp_path, monkeypatch):
-    """BYOL and SwAV as simclr_xray_2d methods, I-JEPA as mae_xray_2d's method and in mae_dino_ct_3d's cyclic mix."""
+    """BYOL and SwAV as simclr_xray_2d methods (SwAV also with FLIP's token dropping), I-JEPA as mae_xray_2d's method
+    and in mae_dino_ct_3d's cyclic mix."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     tiny = {k: v for k, v in TINY[name].items() if k != "method_settings"}
@@ -450,3 +453,12 @@ def test_the_swav_queue_is_set_through_monai_bundle_run_and_saved_in_the_checkpo
     state = load_checkpoint(checkpoint)
     queues = [v for k, v in state["network"].items() if k.endswith("_extra_state") and v]
     assert len(queues) == 1 and queues[0]["queue"].shape[1] == 16 and queues[0]["queue_filled"] > 0
+
+
+@pytest.mark.parametrize("method", ["simclr", "barlow", "byol", "swav"])
+def test_token_drop_reaches_every_two_view_method_of_the_bundle(method):
+    """`token_drop` (FLIP) is one bundle setting for all four methods of simclr_xray_2d; 0 by default."""
+    tiny = {k: v for k, v in TINY["simclr_xray_2d"].items() if k != "method_settings"}
+    default = bundle_parser("simclr_xray_2d", dict(tiny, method=method)).get_parsed_content("task")
+    dropped = bundle_parser("simclr_xray_2d", dict(tiny, method=method, token_drop=0.5)).get_parsed_content("task")
+    assert (default.token_drop, dropped.token_drop) == (0.0, 0.5)

@@ -32,12 +32,13 @@ class BarlowTwinsTask(TwoViewTask):
         hidden_dim, out_dim: projector widths (8192 in the paper; 1024-2048 suit a tiny ViT).
         lambd: weight of the off-diagonal (redundancy) terms, 5e-3 as in the paper.
         pooling: backbone output fed to the projector (default ``"cls"`` with a CLS token, else ``"mean"``).
+        token_drop: share of each view's patch tokens not encoded in training (FLIP; see :class:`TwoViewTask`).
     """
 
     def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 1024, lambd: float = 5e-3,
-                 pooling: str | None = None, views_key: str = "views") -> None:
+                 pooling: str | None = None, views_key: str = "views", token_drop: float = 0.0) -> None:
         super().__init__(backbone, ProjectionMLP(backbone.embed_dim, hidden_dim, out_dim, layers=3, batch_norm=True),
-                         pooling, views_key)
+                         pooling, views_key, token_drop)
         self.loss_fn = BarlowTwinsLoss(lambd=lambd)
 
     def loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,19 @@ class Task(nn.Module):
         """
         return encode(encoder if encoder is not None else self.backbone, x, keep, batch_context(batch))
 
-    def embed(self, batch: dict | None, x: torch.Tensor, pooling: str, encoder: nn.Module | None = None) -> torch.Tensor:
-        """One pooled vector per row of ``x`` (see :meth:`encode`)."""
-        return embed(encoder if encoder is not None else self.backbone, x, pooling, batch_context(batch))
+    def embed(self, batch: dict | None, x: torch.Tensor, pooling: str, encoder: nn.Module | None = None,
+              drop: float = 0.0) -> torch.Tensor:
+        """One pooled vector per row of ``x`` (see :meth:`encode`).
+
+        ``drop`` > 0: in training, the encoder sees only ``1 - drop`` of each view's patch tokens
+        (:mod:`medssl.tasks.token_drop`, FLIP); in evaluation it sees them all.
+        """
+        encoder = encoder if encoder is not None else self.backbone
+        if drop > 0 and self.training:
+            from .token_drop import dropped_embedding
+
+            return dropped_embedding(encoder, x, drop, pooling, batch_context(batch))
+        return embed(encoder, x, pooling, batch_context(batch))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -41,13 +41,18 @@ class BYOLTask(Task):
         hidden_dim, out_dim: widths of the projector and the predictor (both 2-layer MLPs with BatchNorm).
         momentum: target EMA momentum at the start, cosine to 1 over training (the paper's 0.996).
         pooling: backbone output fed to the projector (default ``"cls"`` with a CLS token, else ``"mean"``).
+        token_drop: share of each view's patch tokens the online network does not encode in training (FLIP;
+            the target sees every token, as MSN's does).
     """
 
     required_keys = ("views",)
 
     def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 256, momentum: float = 0.996,
-                 pooling: str | None = None, views_key: str = "views") -> None:
+                 pooling: str | None = None, views_key: str = "views", token_drop: float = 0.0) -> None:
         super().__init__(backbone)
+        if not 0.0 <= token_drop < 1.0:
+            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
+        self.token_drop = float(token_drop)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
         self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
@@ -66,7 +71,7 @@ class BYOLTask(Task):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         views = batch[self.views_key]
-        z1, z2 = pair_views(lambda x: self.embed(batch, x, self.pooling), self.projector, views)
+        z1, z2 = pair_views(lambda x: self.embed(batch, x, self.pooling, drop=self.token_drop), self.projector, views)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
             t1, t2 = pair_views(lambda x: self.embed(batch, x, self.pooling, encoder=self.target), self.target_projector, views)

@@ -56,6 +56,7 @@ class SwAVTask(Task):
         freeze_prototypes: share of training during which the prototypes are not trained.
         queue_length: projections of past global views kept for Sinkhorn-Knopp, over all ranks (0: no queue).
         queue_start: share of training after which the queue fills and is used.
+        token_drop: share of each view's patch tokens not encoded in training (FLIP, :mod:`medssl.tasks.token_drop`).
     """
 
     required_keys = ("views",)
@@ -63,8 +64,12 @@ class SwAVTask(Task):
     def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 128, n_prototypes: int = 300,
                  temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
                  freeze_prototypes: float = 0.01, pooling: str | None = None, views_key: str = "views",
-                 local_key: str = "local_views", queue_length: int = 0, queue_start: float = 0.0) -> None:
+                 local_key: str = "local_views", queue_length: int = 0, queue_start: float = 0.0,
+                 token_drop: float = 0.0) -> None:
         super().__init__(backbone)
+        if not 0.0 <= token_drop < 1.0:
+            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
+        self.token_drop = float(token_drop)
         if queue_length < 0 or not 0.0 <= queue_start < 1.0:
             raise ValueError(f"SwAV needs queue_length >= 0 and 0 <= queue_start < 1, got {queue_length} and {queue_start}")
         self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
@@ -82,7 +87,7 @@ class SwAVTask(Task):
         return prototypes.detach() if self.progress < self.freeze_prototypes else prototypes
 
     def _project(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projector(self.embed(batch, x, self.pooling)).float(), dim=-1)
+        return F.normalize(self.projector(self.embed(batch, x, self.pooling, drop=self.token_drop)).float(), dim=-1)
 
     def _codes(self, scores: list[torch.Tensor], z: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sinkhorn codes of each global view's batch, with the queue's projections joining the partition."""

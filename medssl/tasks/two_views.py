@@ -29,13 +29,20 @@ def pair_views(embed, projector: nn.Module, views: torch.Tensor) -> tuple[torch.
 
 
 class TwoViewTask(Task):
-    """Base of the two-view objectives; logs ``positive_similarity`` (cosine of the pairs)."""
+    """Base of the two-view objectives; logs ``positive_similarity`` (cosine of the pairs).
+
+    ``token_drop``: share of each view's patch tokens the encoder does not see in training
+    (:mod:`medssl.tasks.token_drop`; 0.5 in FLIP).
+    """
 
     required_keys = ("views",)
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, pooling: str | None = None, views_key: str = "views") -> None:
+    def __init__(self, backbone: nn.Module, projector: nn.Module, pooling: str | None = None, views_key: str = "views",
+                 token_drop: float = 0.0) -> None:
         super().__init__(backbone)
-        self.projector, self.views_key = projector, views_key
+        if not 0.0 <= token_drop < 1.0:
+            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
+        self.projector, self.views_key, self.token_drop = projector, views_key, float(token_drop)
         self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
         self.required_keys = (views_key,)
 
@@ -43,7 +50,8 @@ class TwoViewTask(Task):
         raise NotImplementedError
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        z1, z2 = pair_views(lambda x: self.embed(batch, x, self.pooling), self.projector, batch[self.views_key])
+        z1, z2 = pair_views(lambda x: self.embed(batch, x, self.pooling, drop=self.token_drop), self.projector,
+                            batch[self.views_key])
         loss = self.loss(z1, z2)
         with torch.no_grad():
             positive = F.cosine_similarity(z1, z2).mean()
