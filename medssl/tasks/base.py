@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.base import Encoder, batch_context, embed, encode
+from .token_drop import dropped_embedding
 
 __all__ = ["Task", "TASKS", "register_task", "build_task", "check_batch", "MissingBatchKeys"]
 
@@ -64,8 +65,6 @@ class Task(nn.Module):
         """
         encoder = encoder if encoder is not None else self.backbone
         if drop > 0 and self.training:
-            from .token_drop import dropped_embedding
-
             return dropped_embedding(encoder, x, drop, pooling, batch_context(batch))
         return embed(encoder, x, pooling, batch_context(batch))
 

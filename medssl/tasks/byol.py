@@ -23,6 +23,7 @@ from ..models.base import batch_context
 from .base import Task, register_task
 from .ema import frozen_copy
 from .heads import ProjectionMLP
+from .token_drop import token_drop_share
 from .two_views import pair_views
 
 __all__ = ["BYOLTask", "byol_loss"]
@@ -50,9 +51,7 @@ class BYOLTask(Task):
     def __init__(self, backbone: nn.Module, hidden_dim: int = 1024, out_dim: int = 256, momentum: float = 0.996,
                  pooling: str | None = None, views_key: str = "views", token_drop: float = 0.0) -> None:
         super().__init__(backbone)
-        if not 0.0 <= token_drop < 1.0:
-            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
-        self.token_drop = float(token_drop)
+        self.token_drop = token_drop_share(token_drop)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
         self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")

@@ -34,6 +34,7 @@ from ..distributed import world_size
 from ..models.base import batch_context
 from .base import Task, register_task
 from .heads import ProjectionMLP
+from .token_drop import token_drop_share
 from .sinkhorn import sinkhorn
 
 __all__ = ["SwAVTask", "sinkhorn", "swav_loss"]
@@ -67,9 +68,7 @@ class SwAVTask(Task):
                  local_key: str = "local_views", queue_length: int = 0, queue_start: float = 0.0,
                  token_drop: float = 0.0) -> None:
         super().__init__(backbone)
-        if not 0.0 <= token_drop < 1.0:
-            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
-        self.token_drop = float(token_drop)
+        self.token_drop = token_drop_share(token_drop)
         if queue_length < 0 or not 0.0 <= queue_start < 1.0:
             raise ValueError(f"SwAV needs queue_length >= 0 and 0 <= queue_start < 1, got {queue_length} and {queue_start}")
         self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")

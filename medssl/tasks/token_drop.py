@@ -16,17 +16,23 @@ import math
 import torch
 
 from ..models.base import encode
+from ..models.pooling import pool_tokens
 from .masking import sample_mask
 
-__all__ = ["dropped_embedding", "pool_kept"]
+__all__ = ["dropped_embedding", "pool_kept", "token_drop_share"]
+
+
+def token_drop_share(value: float) -> float:
+    """``value`` as a task's ``token_drop`` setting, refused outside [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"token_drop must be in [0, 1), got {value}")
+    return float(value)
 
 
 def pool_kept(tokens: torch.Tensor, keep: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
     """``(B, P + L, D)`` tokens of the ``keep`` slots ``(B, L)`` (-1: padding) -> ``(B, D)``: CLS or the kept tokens' mean."""
     if pooling == "cls":
-        if num_prefix_tokens < 1:
-            raise ValueError("pooling 'cls' needs a backbone built with cls_token=True")
-        return tokens[:, 0]
+        return pool_tokens(tokens, "cls", num_prefix_tokens)
     if pooling == "mean":
         weight = (keep >= 0).to(tokens.dtype).unsqueeze(-1)
         return (tokens[:, num_prefix_tokens:] * weight).sum(1) / weight.sum(1).clamp(min=1)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..models.base import batch_context
 from .base import Task
+from .token_drop import token_drop_share
 
 __all__ = ["TwoViewTask", "pair_views"]
 
@@ -40,9 +41,7 @@ class TwoViewTask(Task):
     def __init__(self, backbone: nn.Module, projector: nn.Module, pooling: str | None = None, views_key: str = "views",
                  token_drop: float = 0.0) -> None:
         super().__init__(backbone)
-        if not 0.0 <= token_drop < 1.0:
-            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
-        self.projector, self.views_key, self.token_drop = projector, views_key, float(token_drop)
+        self.projector, self.views_key, self.token_drop = projector, views_key, token_drop_share(token_drop)
         self.pooling = pooling or ("cls" if backbone.num_prefix_tokens else "mean")
         self.required_keys = (views_key,)
 
