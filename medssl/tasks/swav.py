@@ -88,7 +88,7 @@ class SwAVTask(Task):
     def _project(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.embed(batch, x, self.pooling, drop=self.token_drop)).float(), dim=-1)
 
-    def _codes(self, scores: list[torch.Tensor], z: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _codes(self, scores: list[torch.Tensor], z: list[torch.Tensor], prototypes: torch.Tensor) -> list[torch.Tensor]:
         """Sinkhorn codes of each global view's batch, with the queue's projections joining the partition."""
         use_queue = self.queue_length > 0 and self.training and self.progress >= self.queue_start
         if not use_queue:
@@ -98,9 +98,8 @@ class SwAVTask(Task):
             self.queue, self.queue_filled = z[0].new_zeros(len(z), length, z[0].shape[1]), 0
         codes = []
         with torch.no_grad():
-            prototypes = F.normalize(self.prototypes.float(), dim=-1)
             for i, s in enumerate(scores):
-                past = self.queue[i, :self.queue_filled] @ prototypes.T
+                past = self.queue[i, :self.queue_filled] @ prototypes.detach().T
                 codes.append(sinkhorn(torch.cat([s.detach(), past]), self.epsilon, self.iterations)[:len(s)])
             new = torch.stack([zi.detach() for zi in z])[:, :length]
             self.queue = torch.cat([new, self.queue[:, :length - new.shape[1]]], dim=1)
@@ -128,7 +127,7 @@ class SwAVTask(Task):
         local = batch.get(self.local_key)
         if local is not None and local.shape[1] > 0:
             scores += list((self._project(batch, local.transpose(0, 1).flatten(0, 1)) @ prototypes.T).chunk(local.shape[1]))
-        codes = self._codes(scores[:n_global], z)
+        codes = self._codes(scores[:n_global], z, prototypes)
         loss, terms = scores[0].new_zeros(()), 0
         for i, q in enumerate(codes):
             for j, s in enumerate(scores):

@@ -285,7 +285,7 @@ def test_swav_queue_joins_the_partition_keeps_the_newest_and_waits_for_its_start
     with torch.no_grad():
         z = list(task._project(None, views[2].transpose(0, 1).flatten(0, 1)).chunk(2))
     scores = [zi @ prototypes.T for zi in z]
-    codes = task._codes(scores, z)
+    codes = task._codes(scores, z, prototypes)
     for i in range(2):
         expected = sinkhorn(torch.cat([scores[i], queue[i] @ prototypes.T]), task.epsilon, task.iterations)[:3]
         torch.testing.assert_close(codes[i], expected)
