@@ -75,7 +75,8 @@ def run_one(row: str, x, y, val_x, val_y, seed: int, args) -> dict:
         tasks[name] = BrainFuseTask(vit, space=spec["space"], n_patients=args.patients, views=two_views(d, size),
                                     barlow=barlow, classify=classify, consistency_weight=spec["consistency"],
                                     min_generator_quality=args.gate, barlow_weight=args.bt_weight,
-                                    generator_trains_encoder=not args.detached_generator)
+                                    generator_trains_encoder=not args.detached_generator,
+                                    detail_transfer=args.detail_transfer, generator_dim=args.generator_dim)
     mix = MultiTask(tasks, schedule="sum", seed=seed, loss_weights={"barlow": args.bt_weight})
     views = [two_views(d, size) if t == "barlow" else None for t in tasks]
     batch = min(args.batch_size, len(x))
@@ -140,6 +141,9 @@ def main(argv=None) -> None:
     p.add_argument("--bt-weight", type=float, default=1.0, help="Barlow Twins loss weight (real and fused samples)")
     p.add_argument("--gate", type=float, default=0.5, help="generator R² before latent fused scans are used")
     p.add_argument("--detached-generator", action="store_true", help="train the latent generator on detached tokens")
+    p.add_argument("--detail-transfer", action="store_true",
+                   help="latent fused scans keep the sources' detail the generator misses")
+    p.add_argument("--generator-dim", type=int, default=None, help="the latent generator's width (default: half the encoder's)")
     p.add_argument("--amp", default="off")
     p.add_argument("--markdown", default=None, help="write the table into this file between brainfuse_<dataset> markers")
     p.add_argument("--report-only", action="store_true", help="tabulate the finished runs of --out, train nothing")
@@ -183,7 +187,9 @@ def main(argv=None) -> None:
               f"{args.dim}-d, depth {args.depth}, patch {args.patch}, global attention, from scratch; {args.steps} steps per run "
               f"(batch {args.batch_size}, or the subset when smaller), AdamW lr {args.lr}, every task summed on every step; "
               f"fusion of {args.patients} patients; Barlow Twins projector {args.bt_dim}, loss weight {args.bt_weight}; "
-              f"generator gate R² {args.gate}, generator {'on detached tokens' if args.detached_generator else 'trains the encoder'}; "
+              f"generator gate R² {args.gate}, generator {'on detached tokens' if args.detached_generator else 'trains the encoder'}"
+              f"{f', width {args.generator_dim}' if args.generator_dim else ''}"
+              f"{', detail transfer' if args.detail_transfer else ''}; "
               f"seeds {args.seeds}. "
               f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, amp {args.amp}.\n\n")
     print(header + text)

@@ -7,7 +7,12 @@ Each step fuses ``n_patients`` (2..8) different patients of the batch region by 
   regions meet (softened by ``smoothness``).
 - ``space="latent"`` (BrainFuse): the patients' encoder tokens are mixed with the same partition
   read on the token grid, and a generator (:class:`~medssl.tasks.heads.PixelDecoder`) decodes the
-  fused tokens back into a scan; its attention over the whole grid smooths the seams.
+  fused tokens back into a scan; its attention over the whole grid smooths the seams. With
+  ``detail_transfer`` the fused scan keeps the patients' own fine detail: it is the decoded mix
+  plus the raw fusion of what the generator misses in each source,
+  ``G(mix(z)) + mix(x - G(z))`` (= raw fusion + ``G(mix(z)) - mix(G(z))``, the generator's
+  correction of the seams; multi-band blending with a learned low band). A generator that decodes
+  every scan to one mean image gives raw fusion exactly; a perfect one gives ``G(mix(z))``.
 
 The generator is trained inside this task, by reconstructing every source scan from its full
 token grid (an autoencoder on the encoder's tokens), not by reusing the MAE task's decoder: the
@@ -96,6 +101,8 @@ class BrainFuseTask(Task):
         min_generator_quality: running R² the generator needs before latent fused scans are used.
         barlow_weight: scale of the Barlow Twins loss on fused scans (give it the mix's ``barlow``
             loss weight, so real and fused samples weigh alike).
+        detail_transfer: latent fused scans keep the sources' detail the generator misses (see the
+            module docstring); off: the decoded mix alone.
     """
 
     required_keys = ("image", "patient")
@@ -104,8 +111,8 @@ class BrainFuseTask(Task):
                  smoothness: float = 0.05, n_fused: int | None = None, views=None, barlow: Task | None = None,
                  classify: Task | None = None, consistency_weight: float = 0.0, pooling: str | None = None,
                  generator_dim: int | None = None, generator_depth: int = 2, generator_trains_encoder: bool = True,
-                 min_generator_quality: float = 0.5, barlow_weight: float = 1.0, image_key: str = "image",
-                 label_key: str = "label") -> None:
+                 min_generator_quality: float = 0.5, barlow_weight: float = 1.0, detail_transfer: bool = False,
+                 image_key: str = "image", label_key: str = "label") -> None:
         super().__init__(backbone)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -120,7 +127,7 @@ class BrainFuseTask(Task):
         self.space, self.n_patients, self.n_regions, self.smoothness = space, n_patients, n_regions, float(smoothness)
         self.n_fused, self.views, self.consistency_weight = n_fused, views, float(consistency_weight)
         self.barlow, self.classify, self.barlow_weight = barlow, classify, float(barlow_weight)
-        self.image_key, self.label_key = image_key, label_key
+        self.image_key, self.label_key, self.detail_transfer = image_key, label_key, bool(detail_transfer)
         self.required_keys = (image_key, "patient") + ((label_key,) if classify is not None else ())
         self.pooling = pooling or getattr(classify, "pooling", None) or ("cls" if backbone.num_prefix_tokens else "mean")
         self.generator, self.generator_trains_encoder = None, bool(generator_trains_encoder)
@@ -163,6 +170,8 @@ class BrainFuseTask(Task):
             grid_tokens = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *grid)
             mixed = fuse(grid_tokens, groups, part.weights(grid)).flatten(2).transpose(1, 2)  # (G, N, D)
             fused = self.decode(mixed, grid, img.shape[1])
+            if self.detail_transfer:  # + the raw fusion of what the generator misses in each source
+                fused = fused + fuse(img.float() - self.decode(patches, grid, img.shape[1]), groups, weights)
         lo, hi = img.detach().amin(), img.detach().amax()
         return fused.clamp(lo, hi).to(img.dtype), weights
 

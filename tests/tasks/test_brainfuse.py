@@ -104,9 +104,10 @@ def _batch(spatial_dims, n=6, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("space", ["raw", "latent"])
-def test_fused_scans_keep_the_inputs_shape_dtype_and_range(spatial_dims, space):
-    task = BrainFuseTask(_vit(spatial_dims), space=space, n_patients=3, generator_dim=32, consistency_weight=1.0)
+@pytest.mark.parametrize("space,detail", [("raw", False), ("latent", False), ("latent", True)])
+def test_fused_scans_keep_the_inputs_shape_dtype_and_range(spatial_dims, space, detail):
+    task = BrainFuseTask(_vit(spatial_dims), space=space, n_patients=3, generator_dim=32, consistency_weight=1.0,
+                         detail_transfer=detail)
     batch = _batch(spatial_dims)
     groups, part = task.plan(batch, torch.Generator().manual_seed(0))
     fused, weights = task.make(batch, groups, part)
@@ -117,6 +118,22 @@ def test_fused_scans_keep_the_inputs_shape_dtype_and_range(spatial_dims, space):
     if space == "raw":  # a convex combination, voxel by voxel
         expected = sum(weights[:, k:k + 1] * img[groups[:, k]] for k in range(3))
         assert torch.allclose(fused, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_detail_transfer_turns_a_mean_image_generator_into_raw_fusion(spatial_dims):
+    """A generator that decodes every scan to one constant image has no seams to correct: the fused
+    scan is the raw fusion; without detail transfer it is that constant image."""
+    batch = _batch(spatial_dims)
+    task = BrainFuseTask(_vit(spatial_dims), n_patients=3, generator_dim=32, detail_transfer=True)
+    torch.nn.init.zeros_(task.generator.pred.weight)
+    torch.nn.init.constant_(task.generator.pred.bias, 0.5)
+    groups, part = task.plan(batch, torch.Generator().manual_seed(0))
+    fused, _ = task.make(batch, groups, part)
+    raw, _ = task.make(batch, groups, part, space="raw")
+    assert torch.allclose(fused, raw, atol=1e-5)
+    task.detail_transfer = False
+    assert torch.allclose(task.make(batch, groups, part)[0], torch.full_like(raw, 0.5))
 
 
 def test_raw_fusion_with_hard_borders_copies_each_voxel_from_one_patient():
