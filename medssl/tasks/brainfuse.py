@@ -42,7 +42,9 @@ A generator that has not learned yet decodes noise, and noise with soft labels h
 helps. Latent fused scans are therefore used only once the generator reconstructs the sources
 well: ``generator_quality``, a running mean of its R² (1 - error / variance of the pixels), must
 have reached ``min_generator_quality`` (default 0.5); until then the step trains the generator
-alone and logs ``latent_used`` 0. The gate reads the running mean from before the step, which DDP
+alone and logs ``latent_used`` 0 (with ``detail_transfer``, whose limit for a generator that
+decodes nothing is raw fusion, the step uses the raw fusion instead: the generator's correction is
+added only once it decodes). The gate reads the running mean from before the step, which DDP
 broadcasts from rank 0, so every rank takes the same branch; the running mean is a buffer, saved
 in checkpoints, so a resumed run gates exactly as an uninterrupted one.
 """
@@ -220,10 +222,11 @@ class BrainFuseTask(Task):
                     self.generator_quality.mul_(0.9).add_(0.1 * r2.clamp(min=-1.0))
             out["generator_quality"] = self.generator_quality.clone()
             out["latent_used"] = torch.tensor(float(ready))
-            if not ready:
+            if not ready and not self.detail_transfer:
                 out["loss"] = total
                 return out
-        fused, weights = self.make(batch, groups, part, tokens)
+        # with detail transfer a generator that does not decode yet adds no correction: raw fusion until then
+        fused, weights = self.make(batch, groups, part, tokens, space=None if self.generator is None or ready else "raw")
         share = shares(weights)
         fb = self.fused_batch(batch, groups, fused)
         embedding = None

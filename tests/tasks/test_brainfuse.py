@@ -259,3 +259,19 @@ def test_latent_fused_scans_wait_for_a_generator_that_decodes():
     before = task.generator_quality.clone()
     task(batch)
     assert torch.equal(task.generator_quality, before)  # evaluation does not move the running value
+
+
+def test_with_detail_transfer_a_generator_below_the_gate_leaves_raw_fusion_in_use():
+    """Detail transfer's limit for a generator that decodes nothing is raw fusion: below the gate the
+    step trains on raw fused scans (and the generator), above it on the corrected ones."""
+    vit = _vit(2)
+    barlow = BarlowTwinsTask(vit, hidden_dim=16, out_dim=16)
+    task = BrainFuseTask(vit, n_patients=2, views=two_views(2, 16), barlow=barlow, generator_dim=32,
+                         min_generator_quality=0.3, detail_transfer=True)
+    spaces, make = [], task.make
+    task.make = lambda *a, space=None, **k: spaces.append(space) or make(*a, space=space, **k)
+    out = task(_batch(2))
+    assert float(out["latent_used"]) == 0 and "barlow" in out and "generator" in out and spaces == ["raw"]
+    task.generator_quality.fill_(0.31)
+    out = task(_batch(2))
+    assert float(out["latent_used"]) == 1 and spaces == ["raw", None]
