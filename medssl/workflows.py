@@ -141,8 +141,8 @@ def fuse(checkpoint, data, out, patients: int = 2, count: int = 4, space: str = 
          regions: int | None = None, seed: int = 0, bundle: str | None = None, max_images: int = 64) -> list[Path]:
     """Fused scans of ``patients`` different patients of ``data``, as a run of ``checkpoint`` makes them.
 
-    Writes, per fused scan, ``fused_NNN_raw`` and (with a trained generator) ``fused_NNN_latent`` as
-    NIfTI (3D) or PNG (2D), ``fused_NNN_partition`` (the source of each voxel, 1..K; a colour PNG in
+    Writes, per fused scan, ``fused_NNN_raw`` and (with a trained generator) ``fused_NNN_latent`` (the
+    decoded mix) and ``fused_NNN_latent_detail`` (with detail transfer) as NIfTI (3D) or PNG (2D), ``fused_NNN_partition`` (the source of each voxel, 1..K; a colour PNG in
     2D), ``fusion.json`` (per scan: the sources' positions in ``data``, hashed patient ids and shares)
     and ``fusion.png`` (sources, partition, raw and latent fusion side by side). The generator is
     read from the run's full checkpoint (``RUN/models/checkpoint_*.pt``); an encoder-only checkpoint
@@ -196,13 +196,13 @@ def fuse(checkpoint, data, out, patients: int = 2, count: int = 4, space: str = 
     batch = {"image": torch.stack(images), "patient": keys}
     groups, part = task.plan(batch, torch.Generator().manual_seed(seed), n_fused=count)
     panels, weights = task.panels(batch, groups, part)
-    raw, latent = panels["raw fusion"], panels.get("latent fusion")
+    raw, latent, detail = panels["raw fusion"], panels.get("latent fusion"), panels.get("latent + detail")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     owner = weights.argmax(1, keepdim=True)
     written, record = [], []
     for i in range(len(groups)):
-        files = {"raw": raw[i], **({"latent": latent[i]} if latent is not None else {})}
+        files = {"raw": raw[i], **({"latent": latent[i], "latent_detail": detail[i]} if latent is not None else {})}
         for kind, img in files.items():
             written.append(_write_scan(img, out / f"fused_{i:03d}_{kind}", dims))
         written.append(_write_scan(owner[i].float() + 1, out / f"fused_{i:03d}_partition", dims, labels=True,

@@ -462,3 +462,30 @@ def test_token_drop_reaches_every_two_view_method_of_the_bundle(method):
     default = bundle_parser("simclr_xray_2d", dict(tiny, method=method)).get_parsed_content("task")
     dropped = bundle_parser("simclr_xray_2d", dict(tiny, method=method, token_drop=0.5)).get_parsed_content("task")
     assert (default.token_drop, dropped.token_drop) == (0.0, 0.5)
+
+
+@pytest.mark.parametrize("detail", [True, False])
+def test_fuse_detail_transfer_reaches_the_task_through_monai_bundle_run(detail, phantoms, tmp_path):
+    """The user's path: with detail transfer (the default) a generator below its gate leaves raw fused scans in use,
+    so the fused samples' Barlow Twins term is logged from the first step; `--fuse_detail_transfer False` waits for the
+    generator (the gate, 0.5, is not reached in two steps) and logs none."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    configs = bundle_root("brainfuse_xray_2d") / "configs"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "train.yaml"), "--dataset_dir",
+           str(phantoms / "xray"), "--output_dir", str(out), "--max_epochs", "1", "--batch_size", "4"]
+    cmd += [] if detail else ["--fuse_detail_transfer", "False"]  # MONAI's runner reads "false" as text: refused
+    for k, v in TINY["brainfuse_xray_2d"].items():
+        if k != "batch_size":
+            cmd += [f"--{k}", str(v)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    events = EventAccumulator(str(next((out / "logs").glob("events.out.tfevents.*"))))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert [s.value for s in events.Scalars("brainfuse/latent_used")] == [0.0] * len(events.Scalars("brainfuse/latent_used"))
+    assert ("brainfuse/barlow" in tags) == detail, tags

@@ -142,7 +142,7 @@ def test_supervised_brainfuse_pretraining_then_fused_scans_written_as_files(tmp_
                  "--patients", "3", "--count", "2"]) == 0
     suffix = ".nii.gz" if spatial_dims == 3 else ".png"
     for i in range(2):
-        for kind in ("raw", "latent", "partition"):
+        for kind in ("raw", "latent", "latent_detail", "partition"):
             assert (out / f"fused_{i:03d}_{kind}{suffix}").stat().st_size > 100
     record = json.loads((out / "fusion.json").read_text())
     for scan in record["fused"]:
