@@ -37,29 +37,41 @@ SOURCES = [  # name, file, dims, organ, modality, batch
     ("pneumoniamnist", "pneumoniamnist_28_trainval.npz", 2, "chest", "DX", 64),
     ("adrenalmnist3d", "adrenalmnist3d_28_trainval.npz", 3, "abdomen", "CT", 16),
 ]
-VARIANTS = {"joint": ("Medformer, joint", None), "shared": ("Medformer, joint, shared latents only", {})}
+# name: (label, collections (None: the bundle's organ / modality / dims / task), model settings over MODEL)
+VARIANTS = {"joint": ("Medformer, joint", None, {}), "shared": ("Medformer, joint, shared latents only", {}, {}),
+            "joint_small": ("Medformer, joint, half the latents", None, {"num_latents": 16, "latents_per_entry": 2})}
 MODEL = dict(patch_size=4, embed_dim=192, num_heads=3, depth=6, num_latents=32, latents_per_entry=4)
 
 
-def _num_latents(collections) -> int:
-    """Shared latents of a variant: the ablation (no collections) gets the collections' 4 x per-entry too, as many in all."""
-    return MODEL["num_latents"] + (0 if collections is None else 4 * MODEL["latents_per_entry"])
+def _settings(variant: str) -> dict:
+    """The variant's model settings; the ablation (no collections) gets the collections' 4 x per-entry latents as shared
+    ones, as many in all."""
+    _, collections, extra = VARIANTS[variant]
+    model = {**MODEL, **extra}
+    if collections is not None:
+        model["num_latents"] += 4 * model["latents_per_entry"]
+    return model
 
 
-def _model(collections, **kwargs):
+def _model(variant: str, **kwargs):
     from medssl.models import Medformer
 
-    return Medformer(**{**MODEL, "num_latents": _num_latents(collections)}, collections=collections, **kwargs)
+    return Medformer(**_settings(variant), collections=VARIANTS[variant][1], **kwargs)
 
 
-def measure_speed(dims: int, batch: int, rounds: int = 3) -> float:
+def _speed_key(variant: str, source: str) -> str:
+    """speeds.json's key: the source's name for the default model (as first recorded), else variant:source."""
+    return source if not VARIANTS[variant][2] else f"{variant}:{source}"
+
+
+def measure_speed(variant: str, dims: int, batch: int, rounds: int = 3) -> float:
     """MAE training samples/s of the Medformer on 28-px images of ``dims`` dimensions, stepped as the ViT's speed was
     (``task_throughput.stepper``: the training's autocast, bf16 where the CPU has it)."""
     from medssl.engine import MultiTask
     from medssl.tasks import MAETask
 
     torch.manual_seed(0)
-    task = MAETask(_model(None).view(dims), mask_ratio=0.75, norm_pix_loss=True)
+    task = MAETask(_model(variant).view(dims), mask_ratio=0.75, norm_pix_loss=True)
     step = stepper(MultiTask([task]), [{"image": torch.rand(batch, 1, *[28] * dims)}])
     return samples_per_second(step, batch, rounds)
 
@@ -76,8 +88,7 @@ def pretrain_variant(name: str, epochs: int, out: Path) -> float:
                 "batch_size": batch} for i, (n, _, d, organ, modality, batch) in enumerate(SOURCES)]
     overrides = {"dataset_dir": [str(DATA / f) for _, f, *_ in SOURCES], "sources": sources, "task_names": ["mae"],
                  "source_rule": "proportional", "max_epochs": epochs, "picture_every": max(1, epochs // 2),
-                 **{k: v for k, v in MODEL.items()}, "collections": collections,
-                 "num_latents": _num_latents(collections)}
+                 **_settings(name), "collections": collections}
     start = time.perf_counter()
     pretrain("medformer_multi", out, overrides, resume=latest_checkpoint(out / "models") is not None, progress=False)
     seconds = time.perf_counter() - start
@@ -93,7 +104,7 @@ def evaluate_variant(name: str, ckpt: Path, source: tuple, out: Path, seeds: int
     collections = VARIANTS[name][1]
 
     def build():
-        return _model(collections, spatial_dims=dims,
+        return _model(name, spatial_dims=dims,
                       default_context={"organ": organ, "modality": modality} if collections is None else None)
 
     # the joint run's evaluation also scores the same Medformer randomly initialised (what pretraining must beat)
@@ -120,24 +131,25 @@ def main() -> None:
     singles = dict(s.split("=", 1) for s in args.single)
     speed_file = out / "speeds.json"
     speeds = json.loads(speed_file.read_text()) if speed_file.exists() else {}
-    for name, _, dims, *_, batch in SOURCES:
-        if name not in speeds:
-            speeds[name] = measure_speed(dims, batch)
-            speed_file.write_text(json.dumps(speeds, indent=1) + "\n")
+    variants = args.variants.split(",")
+    for variant in variants:
+        for name, _, dims, *_, batch in SOURCES:
+            if _speed_key(variant, name) not in speeds:
+                speeds[_speed_key(variant, name)] = measure_speed(variant, dims, batch)
+                speed_file.write_text(json.dumps(speeds, indent=1) + "\n")
     sizes = {name: train_size(DATA / f) for name, f, *_ in SOURCES}
-    epoch_seconds = sum(sizes[n] / speeds[n] for n in sizes)
-    epochs = max(1, round(args.minutes * 60 / epoch_seconds))
-    print(f"speeds {speeds}; {epochs} epochs in the {args.minutes:g}-minute budget", flush=True)
+    epochs = {v: max(1, round(args.minutes * 60 / sum(sizes[n] / speeds[_speed_key(v, n)] for n in sizes))) for v in variants}
+    print(f"speeds {speeds}; epochs in the {args.minutes:g}-minute budget {epochs}", flush=True)
     rows = []
-    for variant in args.variants.split(","):
-        seconds = pretrain_variant(variant, epochs, out / variant / "pretrain")
-        rows.append((VARIANTS[variant][0], seconds))
+    for variant in variants:
+        seconds = pretrain_variant(variant, epochs[variant], out / variant / "pretrain")
+        rows.append((variant, seconds))
         for source in SOURCES:
             evaluate_variant(variant, out / variant / "pretrain" / "models" / "model.pt", source, out / variant / f"evaluation_{source[0]}",
                              args.seeds)
         print(f"{variant}: pretrained in {seconds / 60:.1f} min, evaluated", flush=True)
 
-    params_medformer = sum(p.numel() for p in _model(None).parameters())
+    params = {v: sum(p.numel() for p in _model(v).parameters()) for v in variants}
     from medssl.models import ViT
 
     params_vit = sum(p.numel() for p in ViT(2, 1, patch_size=4, size="tiny").parameters())
@@ -146,14 +158,20 @@ def main() -> None:
         f = Path(run).parent / "speeds.json"
         if f.exists():
             single_speeds[name] = json.loads(f.read_text()).get("mae")
-    text = [f"Medformer (Perceiver IO, {MODEL['embed_dim']} wide, {MODEL['depth']} latent blocks, {MODEL['num_latents']} shared latents "
-            f"+ {MODEL['latents_per_entry']} per organ / modality / dims / task entry, patch 4): {params_medformer / 1e6:.2f} M "
-            f"parameters; ViT-Tiny (patch 4): {params_vit / 1e6:.2f} M. MAE on every source, each batch from one source "
-            f"(proportional), {epochs} epochs of both sets in the {args.minutes:g}-minute budget (the two single runs' sum) at the "
-            f"measured speed. Threads: {torch.get_num_threads()}.", "",
-            "| encoder | pretraining data | samples/s (MAE training, 2D / 3D) | pretraining wall time (min) |", "|---|---|---:|---:|"]
-    text += [f"| {label} | both | {speeds['pneumoniamnist']:.0f} / {speeds['adrenalmnist3d']:.1f} | {sec / 60:.1f} |" for label, sec in rows]
-    text += [f"| ViT-Tiny MAE | {name} alone | {single_speeds.get(name, float('nan')):.1f} | (its run) |" for name in singles]
+    text = [f"Medformer (Perceiver IO, {MODEL['embed_dim']} wide, {MODEL['depth']} latent blocks, patch 4; latents per row below); "
+            f"ViT-Tiny (patch 4): {params_vit / 1e6:.2f} M parameters. MAE on every source, each batch from one source "
+            f"(proportional), as many epochs of both sets as the {args.minutes:g}-minute budget (the two single runs' sum) "
+            f"gives at each variant's measured speed. Threads: {torch.get_num_threads()}.", "",
+            "| encoder | latents (shared + per organ / modality / dims / task entry) | parameters | pretraining data | epochs | "
+            "samples/s (MAE training, 2D / 3D) | pretraining wall time (min) |", "|---|---|---:|---|---:|---:|---:|"]
+    for v, sec in rows:
+        m = _settings(v)
+        latents = f"{m['num_latents']} shared" if VARIANTS[v][1] is not None and not VARIANTS[v][1] else \
+            f"{m['num_latents']} + {m['latents_per_entry']} per entry"
+        text.append(f"| {VARIANTS[v][0]} | {latents} | {params[v] / 1e6:.2f} M | both | {epochs[v]} | "
+                    f"{speeds[_speed_key(v, 'pneumoniamnist')]:.0f} / {speeds[_speed_key(v, 'adrenalmnist3d')]:.1f} | {sec / 60:.1f} |")
+    text += [f"| ViT-Tiny MAE | - | {params_vit / 1e6:.2f} M | {name} alone | (its run) | {single_speeds.get(name, float('nan')):.1f} | "
+             "(its run) |" for name in singles]
     for name, *_ in SOURCES:
         results = {}
         if name in singles:
