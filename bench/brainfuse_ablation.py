@@ -50,20 +50,61 @@ class _Items(torch.utils.data.Dataset):
         return {"image": self.x[i], "label": int(self.y[i]), "patient": f"{self.name}:{i}", "modality": "XR" if self.x.ndim == 4 else "CT"}
 
 
-def run_one(row: str, x, y, val_x, val_y, seed: int, args) -> dict:
+def _vit(d: int, args):
+    from medssl.models import ViT
+
+    return ViT(d, in_channels=1, patch_size=args.patch, size="micro", embed_dim=args.dim, depth=args.depth,
+               num_heads=args.heads, window_size=0)
+
+
+def train_generative(x, seed: int, args, path: Path):
+    """The source's "generative model training", before the rows: a latent BrainFuse task on an encoder of its own,
+    trained as an autoencoder on every training image (no labels) for ``--generative-steps``; kept in ``path``, so
+    every row of the seed (and a rerun) fuses with the same model. Returns the task and its final R²."""
+    from medssl.engine.lr_schedule import WarmupCosine
+    from medssl.tasks import BrainFuseTask
+
+    torch.manual_seed(seed)
+    task = BrainFuseTask(_vit(x.ndim - 2, args), n_patients=args.patients, min_generator_quality=float("inf"),
+                         detail_transfer=args.detail_transfer, generator_dim=args.generator_dim)
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        task.load_state_dict(saved["state"])
+        return task, saved["r2"]
+    optimizer = torch.optim.AdamW(task.parameters(), lr=args.lr, weight_decay=0.05)
+    steps, batch = args.generative_steps, min(64, len(x))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(steps, max(1, steps // 20)))
+    g = torch.Generator().manual_seed(seed)
+    order, r2 = torch.empty(0, dtype=torch.long), []
+    for _ in range(steps):
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(len(x), generator=g)])
+        idx, order = order[:batch], order[batch:]
+        out = task({"image": x[idx], "patient": [f"train:{i}" for i in idx.tolist()]})
+        optimizer.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(task.parameters(), 3.0)
+        optimizer.step()
+        schedule.step()
+        r2.append(float(out["generator_quality"]))
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state": task.state_dict(), "r2": r2[-1]}, tmp)
+    tmp.replace(path)
+    return task, r2[-1]
+
+
+def run_one(row: str, x, y, val_x, val_y, seed: int, args, generative=None) -> dict:
     from medssl.data.views import two_views
     from medssl.engine import MultiTask, PretrainTrainer, pretrain_loader
     from medssl.engine.lr_schedule import WarmupCosine
     from medssl.eval.metrics import classification_metrics
-    from medssl.models import ViT
     from medssl.tasks import BarlowTwinsTask, BrainFuseTask, ClassificationTask
 
     spec = ROWS[row]
     d = x.ndim - 2
     size = x.shape[-1]
     torch.manual_seed(seed)
-    vit = ViT(d, in_channels=1, patch_size=args.patch, size="micro", embed_dim=args.dim, depth=args.depth,
-              num_heads=args.heads, window_size=0)
+    vit = _vit(d, args)
     classes = int(max(int(y.max()), int(val_y.max())) + 1)
     classify = ClassificationTask(vit, classes)
     barlow = BarlowTwinsTask(vit, hidden_dim=args.bt_dim, out_dim=args.bt_dim)
@@ -76,7 +117,8 @@ def run_one(row: str, x, y, val_x, val_y, seed: int, args) -> dict:
                                     barlow=barlow, classify=classify, consistency_weight=spec["consistency"],
                                     min_generator_quality=args.gate, barlow_weight=args.bt_weight,
                                     generator_trains_encoder=not args.detached_generator,
-                                    detail_transfer=args.detail_transfer, generator_dim=args.generator_dim)
+                                    detail_transfer=args.detail_transfer, generator_dim=args.generator_dim,
+                                    generative=generative if spec["space"] == "latent" else None)
     mix = MultiTask(tasks, schedule="sum", seed=seed, loss_weights={"barlow": args.bt_weight})
     views = [two_views(d, size) if t == "barlow" else None for t in tasks]
     batch = min(args.batch_size, len(x))
@@ -97,7 +139,7 @@ def run_one(row: str, x, y, val_x, val_y, seed: int, args) -> dict:
     trainer.run()
     seconds = time.perf_counter() - start
     metrics = classification_metrics(val_y.numpy(), classify.predict(val_x))
-    quality = float(tasks[name].generator_quality) if name and spec["space"] == "latent" else None
+    quality = float(tasks[name].generator_quality) if name and spec["space"] == "latent" and generative is None else None
     return {**metrics, "steps": total, "seconds": seconds, "skipped_steps": trainer.skipped_steps, "batch_size": batch,
             "labelled": len(x), "latent_used": float(np.mean(used)) if used else None, "generator_quality": quality}
 
@@ -144,6 +186,9 @@ def main(argv=None) -> None:
     p.add_argument("--detail-transfer", action="store_true",
                    help="latent fused scans keep the sources' detail the generator misses")
     p.add_argument("--generator-dim", type=int, default=None, help="the latent generator's width (default: half the encoder's)")
+    p.add_argument("--generative-steps", type=int, default=0,
+                   help="train the latent rows' generative model first, on every training image (no labels), for "
+                        "this many steps (0: the generator trains inside each run)")
     p.add_argument("--amp", default="off")
     p.add_argument("--markdown", default=None, help="write the table into this file between brainfuse_<dataset> markers")
     p.add_argument("--report-only", action="store_true", help="tabulate the finished runs of --out, train nothing")
@@ -163,6 +208,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     results = {}
+    generative_r2 = {}
     for f in fractions:
         for seed in seeds:
             subset = torch.as_tensor(stratified_subset(y.numpy(), f, seed))
@@ -173,7 +219,12 @@ def main(argv=None) -> None:
                     continue
                 if args.report_only:
                     continue
-                r = run_one(row, x[subset], y[subset], val_x, val_y, seed, args)
+                generative = None
+                if args.generative_steps and ROWS[row].get("space") == "latent":
+                    generative, generative_r2[seed] = train_generative(x, seed, args, out / f"generative_{seed}.pt")
+                r = run_one(row, x[subset], y[subset], val_x, val_y, seed, args, generative)
+                if generative is not None:
+                    r["generative_r2"] = generative_r2[seed]
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r))
                 tmp.replace(path)
@@ -189,7 +240,8 @@ def main(argv=None) -> None:
               f"fusion of {args.patients} patients; Barlow Twins projector {args.bt_dim}, loss weight {args.bt_weight}; "
               f"generator gate R² {args.gate}, generator {'on detached tokens' if args.detached_generator else 'trains the encoder'}"
               f"{f', width {args.generator_dim}' if args.generator_dim else ''}"
-              f"{', detail transfer' if args.detail_transfer else ''}; "
+              f"{', detail transfer' if args.detail_transfer else ''}"
+              f"{f'; latent rows fuse with a generative model trained first for {args.generative_steps} steps on every training image, no labels' if args.generative_steps else ''}; "
               f"seeds {args.seeds}. "
               f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, amp {args.amp}.\n\n")
     print(header + text)

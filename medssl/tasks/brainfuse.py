@@ -105,6 +105,10 @@ class BrainFuseTask(Task):
             loss weight, so real and fused samples weigh alike).
         detail_transfer: latent fused scans keep the sources' detail the generator misses (see the
             module docstring; the default, measured better on PneumoniaMNIST); off: the decoded mix alone.
+        generative: a latent :class:`BrainFuseTask` trained beforehand (the source's "generative model
+            training"; e.g. on all unlabelled scans) whose encoder and generator make the latent fused
+            scans instead of this task's own: frozen, kept in eval mode, saved with the task. This task
+            then trains no generator and needs no gate; ``backbone`` is only the encoder being trained.
     """
 
     required_keys = ("image", "patient")
@@ -114,7 +118,7 @@ class BrainFuseTask(Task):
                  classify: Task | None = None, consistency_weight: float = 0.0, pooling: str | None = None,
                  generator_dim: int | None = None, generator_depth: int = 2, generator_trains_encoder: bool = True,
                  min_generator_quality: float = 0.5, barlow_weight: float = 1.0, detail_transfer: bool = True,
-                 image_key: str = "image", label_key: str = "label") -> None:
+                 generative: "BrainFuseTask | None" = None, image_key: str = "image", label_key: str = "label") -> None:
         super().__init__(backbone)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -135,11 +139,24 @@ class BrainFuseTask(Task):
         self.generator, self.generator_trains_encoder = None, bool(generator_trains_encoder)
         self.min_generator_quality = float(min_generator_quality)
         self.register_buffer("generator_quality", torch.zeros(()))
-        if space == "latent":
+        self.generative = None
+        if generative is not None:
+            if space != "latent" or generative.generator is None:
+                raise ValueError("generative is a trained latent BrainFuseTask, for space='latent'")
+            if generative.backbone is backbone:
+                raise ValueError("generative needs an encoder of its own: freezing it would freeze the backbone being trained")
+            self.generative = generative.requires_grad_(False).eval()
+        elif space == "latent":
             if not hasattr(backbone, "patch_size"):
                 raise ValueError("latent fusion decodes the token grid: it needs a grid encoder (the ViT); use space='raw'")
             pixels = int(torch.Size(backbone.patch_size).numel()) * backbone.in_channels
             self.generator = PixelDecoder(backbone.embed_dim, pixels, generator_dim, generator_depth)
+
+    def train(self, mode: bool = True) -> "BrainFuseTask":
+        super().train(mode)
+        if self.generative is not None:
+            self.generative.eval()  # a fixed generative model: no dropout, no running statistics move
+        return self
 
     # -- making fused scans ---------------------------------------------------------------
     def plan(self, batch: dict, generator: torch.Generator | None = None, n_fused: int | None = None) -> tuple[torch.Tensor, Partition]:
@@ -165,6 +182,8 @@ class BrainFuseTask(Task):
         weights = part.weights(img.shape[2:])
         if space == "raw":
             return fuse(img, groups, weights), weights
+        if self.generative is not None:  # fused in the pretrained generative model's latent space
+            return self.generative.make(batch, groups, part, space="latent", detail=detail)
         grid = self.backbone.grid_size(img.shape[2:])
         p = self.backbone.num_prefix_tokens
         with torch.no_grad():
@@ -207,7 +226,7 @@ class BrainFuseTask(Task):
         out: dict[str, torch.Tensor] = {}
         total = img.new_zeros((), dtype=torch.float32)
         tokens = None
-        if self.space == "latent" or self.consistency_weight:
+        if self.generator is not None or self.consistency_weight:
             with torch.set_grad_enabled(self.generator is not None and self.generator_trains_encoder):
                 tokens = self.encode(batch, img)  # the generator's input and the consistency target
         if self.generator is not None:
@@ -227,6 +246,8 @@ class BrainFuseTask(Task):
             if not ready and not self.detail_transfer:
                 out["loss"] = total
                 return out
+        elif self.generative is not None:
+            out["latent_used"] = torch.tensor(1.0)
         # with detail transfer a generator that does not decode yet adds no correction: raw fusion until then
         fused, weights = self.make(batch, groups, part, tokens, space=None if self.generator is None or ready else "raw")
         share = shares(weights)
@@ -280,7 +301,7 @@ class BrainFuseTask(Task):
         panels = {f"patient {k + 1}": img[groups[:, k].to(img.device)] for k in range(min(4, self.n_patients))}
         panels["partition"] = region_colours(weights.argmax(1, keepdim=True))  # patient k in colour k
         panels["raw fusion"] = raw.float()
-        if self.generator is not None:
+        if self.generator is not None or self.generative is not None:
             panels["latent fusion"] = self.make(batch, groups, part, space="latent", detail=False)[0].float()
             panels["latent + detail"] = self.make(batch, groups, part, space="latent", detail=True)[0].float()
         return panels, weights

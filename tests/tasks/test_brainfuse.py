@@ -276,3 +276,31 @@ def test_with_detail_transfer_a_generator_below_the_gate_leaves_raw_fusion_in_us
     task.generator_quality.fill_(0.31)
     out = task(_batch(2))
     assert float(out["latent_used"]) == 1 and spaces == ["raw", None]
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_pretrained_generative_model_makes_the_latent_fusions_frozen(spatial_dims):
+    """The source's two stages: a generative model (a latent BrainFuse task on an encoder of its own) trained first,
+    then a task whose latent fused scans it makes: the generative model's weights do not move, it stays in eval mode,
+    no generator loss or gate, and its fusions are what the task trains on."""
+    batch = _batch(spatial_dims)
+    generative = BrainFuseTask(_vit(spatial_dims), n_patients=2, generator_dim=32)
+    vit = _vit(spatial_dims)
+    barlow = BarlowTwinsTask(vit, hidden_dim=16, out_dim=16)
+    task = BrainFuseTask(vit, n_patients=2, views=two_views(spatial_dims, 16), barlow=barlow, generative=generative,
+                         consistency_weight=1.0).train()
+    assert task.generator is None and not generative.training
+    assert all(not p.requires_grad for p in generative.parameters())
+    assert any(k.startswith("generative.generator.") for k in task.state_dict())
+    before = {k: v.clone() for k, v in generative.state_dict().items()}
+    opt = torch.optim.AdamW(p for p in task.parameters() if p.requires_grad)
+    out = task(batch)
+    out["loss"].backward()
+    opt.step()
+    assert {"barlow", "consistency"} <= set(out) and "generator" not in out and float(out["latent_used"]) == 1
+    assert all(torch.equal(before[k], v) for k, v in generative.state_dict().items())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in vit.parameters())
+    groups, part = task.plan(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(task.make(batch, groups, part)[0], generative.make(batch, groups, part, detail=True)[0])
+    with pytest.raises(ValueError, match="encoder of its own"):
+        BrainFuseTask(generative.backbone, n_patients=2, generative=generative)
