@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import pytest
 import torch
@@ -225,7 +226,8 @@ def test_sinkhorn_takes_scores_whose_exponent_overflows():
 
 
 def _two_rank_losses(rank, world, init_file, z1, z2, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=120))  # a lost peer fails the test, not CI
     share = slice(rank * z1.shape[0] // world, (rank + 1) * z1.shape[0] // world)
     barlow = BarlowTwinsTask(ViT(2, patch_size=4, size="micro"), hidden_dim=8, out_dim=8)
     out = {}
@@ -316,7 +318,8 @@ def test_swav_queue_is_saved_resumed_and_not_a_buffer():
 
 
 def _two_rank_swav_queue(rank, world, init_file, views, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=120))  # a lost peer fails the test, not CI
     task = _swav(queue_length=8)  # 4 per rank
     task.step_start(0.5)
     ddp = torch.nn.parallel.DistributedDataParallel(task)  # broadcast_buffers: on, as the bundles run it
