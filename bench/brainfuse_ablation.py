@@ -93,6 +93,21 @@ def train_generative(x, seed: int, args, path: Path):
     return task, r2[-1]
 
 
+def picture_generative(x, seed: int, args, out: Path) -> Path | None:
+    """``OUT/generative_<seed>.png``: four fused val scans of two patients each by the seed's generative model
+    (sources, partition, raw fusion, the decoded mix, the decoded mix with detail transfer)."""
+    from medssl.viz.panels import write_panels
+
+    path = out / f"generative_{seed}.png"
+    if path.exists() or not (out / f"generative_{seed}.pt").exists():
+        return None
+    task, r2 = train_generative(x, seed, args, out / f"generative_{seed}.pt")
+    batch = {"image": x[:8], "patient": [f"val:{i}" for i in range(8)]}
+    panels, _ = task.eval().panels(batch, *task.plan(batch, torch.Generator().manual_seed(0), n_fused=4))
+    return write_panels(panels, path, title=f"generative model of seed {seed} (R² {r2:.3f}, {args.generative_steps} steps), "
+                                            "2 val patients fused")
+
+
 def run_one(row: str, x, y, val_x, val_y, seed: int, args, generative=None) -> dict:
     from medssl.data.views import two_views
     from medssl.engine import MultiTask, PretrainTrainer, pretrain_loader
@@ -231,6 +246,9 @@ def main(argv=None) -> None:
                 results[(f, seed, row)] = r
                 print(f"{f:g} seed {seed} {row}: acc {r['accuracy']:.3f} bacc {r['balanced_accuracy']:.3f} "
                       f"auc {r['auc']:.3f} ({r['seconds']:.0f} s, {r['steps']} steps)", flush=True)
+    for seed in seeds:
+        if args.generative_steps:
+            picture_generative(val_x, seed, args, out)
     text, _ = summarise(results, fractions, seeds)
     cmd = "python bench/brainfuse_ablation.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
                                                            if a != "--report-only")
