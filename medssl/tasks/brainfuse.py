@@ -173,9 +173,11 @@ class BrainFuseTask(Task):
         return unpatchify(self.generator(patch_tokens, grid).float(), self.backbone.patch_size, grid, channels)
 
     def make(self, batch: dict, groups: torch.Tensor, part: Partition, tokens: torch.Tensor | None = None,
-             space: str | None = None, detail: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             space: str | None = None, detail: bool | None = None,
+             decoded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused scans ``(G, C, *S)`` (in the images' dtype and range) and the voxel weights ``(G, K, *S)``;
-        ``space`` and ``detail`` (transfer) default to the task's settings."""
+        ``space`` and ``detail`` (transfer) default to the task's settings. ``decoded``: the generator's
+        decodings of ``tokens`` ``(B, C, *S)`` where the caller has them (detail transfer needs them)."""
         img = batch[self.image_key]
         space = space or self.space
         detail = self.detail_transfer if detail is None else detail
@@ -194,7 +196,8 @@ class BrainFuseTask(Task):
             mixed = fuse(grid_tokens, groups, part.weights(grid)).flatten(2).transpose(1, 2)  # (G, N, D)
             fused = self.decode(mixed, grid, img.shape[1])
             if detail:  # + the raw fusion of what the generator misses in each source
-                fused = fused + fuse(img.float() - self.decode(patches, grid, img.shape[1]), groups, weights)
+                decoded = self.decode(patches, grid, img.shape[1]) if decoded is None else decoded.detach()
+                fused = fused + fuse(img.float() - decoded, groups, weights)
         lo, hi = img.detach().amin(), img.detach().amax()
         return fused.clamp(lo, hi).to(img.dtype), weights
 
@@ -225,7 +228,7 @@ class BrainFuseTask(Task):
         groups, part = self.plan(batch, rng)
         out: dict[str, torch.Tensor] = {}
         total = img.new_zeros((), dtype=torch.float32)
-        tokens = None
+        tokens = decoded = None
         if self.generator is not None or self.consistency_weight:
             with torch.set_grad_enabled(self.generator is not None and self.generator_trains_encoder):
                 tokens = self.encode(batch, img)  # the generator's input and the consistency target
@@ -235,6 +238,7 @@ class BrainFuseTask(Task):
             recon = self.generator(source if self.generator_trains_encoder else source.detach(), grid).float()
             pixels = patchify(img, self.backbone.patch_size).float()
             out["generator"] = F.mse_loss(recon, pixels)
+            decoded = unpatchify(recon, self.backbone.patch_size, grid, img.shape[1])  # reused by detail transfer
             total = total + out["generator"]
             ready = bool(self.generator_quality >= self.min_generator_quality)  # before this step: the same on every rank
             if self.training:
@@ -249,7 +253,8 @@ class BrainFuseTask(Task):
         elif self.generative is not None:
             out["latent_used"] = torch.tensor(1.0)
         # with detail transfer a generator that does not decode yet adds no correction: raw fusion until then
-        fused, weights = self.make(batch, groups, part, tokens, space=None if self.generator is None or ready else "raw")
+        fused, weights = self.make(batch, groups, part, tokens, space=None if self.generator is None or ready else "raw",
+                                   decoded=decoded)
         share = shares(weights)
         fb = self.fused_batch(batch, groups, fused)
         embedding = None
