@@ -167,8 +167,7 @@ def main() -> None:
             "samples/s (MAE training, 2D / 3D) | pretraining wall time (min) |", "|---|---|---:|---|---:|---:|---:|"]
     for v, sec in rows:
         m = _settings(v)
-        latents = f"{m['num_latents']} shared" if VARIANTS[v][1] is not None and not VARIANTS[v][1] else \
-            f"{m['num_latents']} + {m['latents_per_entry']} per entry"
+        latents = f"{m['num_latents']} shared" if VARIANTS[v][1] == {} else f"{m['num_latents']} + {m['latents_per_entry']} per entry"
         text.append(f"| {VARIANTS[v][0]} | {latents} | {params[v] / 1e6:.2f} M | both | {epochs[v]} | "
                     f"{speeds[_speed_key(v, 'pneumoniamnist')]:.0f} / {speeds[_speed_key(v, 'adrenalmnist3d')]:.1f} | {sec / 60:.1f} |")
     text += [f"| ViT-Tiny MAE | - | {params_vit / 1e6:.2f} M | {name} alone | (its run) | {single_speeds.get(name, float('nan')):.1f} | "
